@@ -1,0 +1,24 @@
+"""zquant: ZeroQuant post-training quantization for Hugging Face transformers.
+
+    import zquant
+    model = zquant.load("smollm2-135m")              # floating point (a built-in packaged model)
+    zquant.quantize(model, "w8a8")                   # group-wise INT8 weights, token-wise INT8 activations
+    zquant.save(model, "out/smollm2-w8a8", tokenizer=zquant.load_tokenizer("smollm2-135m"))
+    model = zquant.load("out/smollm2-w8a8")          # runnable, without the float weights
+"""
+import os as _os
+
+# zquant never downloads: make sure transformers does not try either.
+_os.environ.setdefault("HF_HUB_OFFLINE", "1")
+_os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+__version__ = "0.1.0"
+
+from .config import ActQuant, ConfigError, LayerQuant, Override, PRESETS, QuantConfig, WeightQuant, get_scheme  # noqa: E402
+from .modules import QuantLinear  # noqa: E402
+from .api import load, load_tokenizer, quantize, save  # noqa: E402
+
+__all__ = [
+    "ActQuant", "ConfigError", "LayerQuant", "Override", "PRESETS", "QuantConfig", "QuantLinear", "WeightQuant",
+    "get_scheme", "load", "load_tokenizer", "quantize", "save", "__version__",
+]

@@ -1,0 +1,59 @@
+"""The Python entry points: `load`, `load_tokenizer`, `quantize`, `save`."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+from torch import Tensor, nn
+
+from . import io, sources
+from .config import QuantConfig, get_scheme
+from .data import DEFAULT_CALIB_TEXT, sample_batches
+from .models import get_adapter
+from .surgery import plan, quantize_model
+
+
+def load(model: str | os.PathLike) -> nn.Module:
+    """A ready-to-run transformers model (eval mode, CPU): floating point for a MODEL argument
+    (directory, .gguf file or built-in name), quantized for a directory written by `save`."""
+    if Path(str(model)).is_dir() and io.is_checkpoint(model):
+        return io.load(model)
+    return sources.load_float(model)
+
+
+def load_tokenizer(model: str | os.PathLike):
+    """The tokenizer that goes with `load(model)`."""
+    return sources.load_tokenizer(model)
+
+
+def quantize(model: nn.Module, scheme: str | QuantConfig, calibration: Iterable[dict[str, Tensor]] | None = None,
+             tokenizer=None, calib_text: str = DEFAULT_CALIB_TEXT) -> nn.Module:
+    """Quantize ``model`` in place with a preset name or a `QuantConfig`, and return it.
+
+    Static activation schemes need calibration batches: pass ``calibration`` (model kwargs
+    dicts), or a ``tokenizer`` and zquant samples ``calib_text`` (default: a packaged text that is
+    not the default evaluation text).
+    """
+    config = get_scheme(scheme)
+    if getattr(model, "zquant_info", None):
+        raise ValueError("this model is already quantized; load the floating-point model to quantize it again")
+    adapter = get_adapter(model)
+    needs_calibration = any(t.spec.act.mode == "static" for t in plan(model, config, adapter))
+    calib_source = "user batches"
+    if needs_calibration and calibration is None:
+        if tokenizer is None:
+            raise ValueError(f"scheme {config.name!r} uses static activation scales: pass calibration batches "
+                             "or a tokenizer")
+        seq_len = 128 if adapter.kind == "encoder" else 256
+        calibration = sample_batches(tokenizer, calib_text, count=16, seq_len=seq_len)
+        calib_source = calib_text
+    quantize_model(model, config, calibration if needs_calibration else None, adapter)
+    if needs_calibration:
+        model.zquant_info["calibration"] = {"text": calib_source}
+    return model
+
+
+def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path:
+    """Write a quantized model (safetensors + zquant.json, and the tokenizer if given) atomically."""
+    return io.save(model, directory, tokenizer)

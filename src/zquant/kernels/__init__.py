@@ -1,0 +1,98 @@
+"""The one kernel dispatch point.
+
+Every `QuantLinear.forward` calls `qlinear(module, x)`. Backends register themselves with a
+priority; the first one that is available and supports the call (layer config, device, shape)
+runs it, and the reference backend, which supports everything, is the last resort. When a
+preferred backend cannot be used for a reason other than the call's own shape or device, a
+warning says so once.
+
+`use_backend("reference")` forces one backend (tests and accuracy comparisons use it).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from torch import Tensor
+
+from . import reference
+
+
+@dataclass
+class Backend:
+    name: str
+    priority: int
+    # available() -> None if usable, else the reason it is not (said once in a warning)
+    available: Callable[[], str | None]
+    # supports(module, x) -> True if this backend handles the call
+    supports: Callable[[object, Tensor], bool]
+    linear: Callable[[object, Tensor], Tensor]
+
+
+_BACKENDS: dict[str, Backend] = {}
+_forced = threading.local()
+_warned: set[str] = set()
+
+
+def register(backend: Backend) -> None:
+    _BACKENDS[backend.name] = backend
+
+
+def backends() -> list[str]:
+    return [b.name for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority)]
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force every `qlinear` call in this thread (within the block) onto backend ``name``."""
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; registered: {backends()}")
+    previous = getattr(_forced, "name", None)
+    _forced.name = name
+    try:
+        yield
+    finally:
+        _forced.name = previous
+
+
+def select(module, x: Tensor) -> Backend:
+    """The backend that `qlinear` would run for this call."""
+    forced = getattr(_forced, "name", None) or os.environ.get("ZQUANT_BACKEND") or None
+    if forced:
+        backend = _BACKENDS.get(forced)
+        if backend is None:
+            raise ValueError(f"unknown kernel backend {forced!r}; registered: {backends()}")
+        reason = backend.available()
+        if reason is None and backend.supports(module, x):
+            return backend
+        _warn_once(f"forced:{forced}", f"zquant: backend {forced!r} cannot run this layer "
+                   f"({reason or 'unsupported layer config or shape'}); using the reference path")
+        return _BACKENDS["reference"]
+    for backend in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
+        reason = backend.available()
+        if reason is not None:
+            _warn_once(f"unavailable:{backend.name}",
+                       f"zquant: the {backend.name!r} kernels are unavailable ({reason}); falling back")
+            continue
+        if backend.supports(module, x):
+            return backend
+    return _BACKENDS["reference"]
+
+
+def qlinear(module, x: Tensor) -> Tensor:
+    """y [..., N] = x [..., K] through the quantized layer ``module``, on the best backend."""
+    return select(module, x).linear(module, x)
+
+
+register(Backend("reference", priority=0, available=lambda: None,
+                 supports=lambda module, x: True, linear=reference.linear))

@@ -1,0 +1,138 @@
+"""`QuantLinear`: a linear layer whose weight is really stored as INT8 or packed INT4.
+
+Its forward goes through the single kernel dispatch point, `zquant.kernels.qlinear`, so a faster
+backend plugs in without touching this module. `from_float` never mutates its source.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import primitives as P
+from .config import ActQuant, LayerQuant, WeightQuant
+
+
+def float_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """(weight [N, K], bias [N] or None) of an ``nn.Linear`` or a GPT-2 style ``Conv1D``.
+
+    ``Conv1D`` stores its weight transposed, as [K, N]; this returns the [N, K] view.
+    """
+    if isinstance(module, nn.Linear):
+        return module.weight, module.bias
+    if type(module).__name__ == "Conv1D":
+        return module.weight.t(), module.bias
+    raise TypeError(f"cannot quantize a {type(module).__name__}: expected nn.Linear or Conv1D")
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W stored as integers plus scales.
+
+    Buffers (all persistent, all saved):
+      ``qweight``  int8 [N, K] (8-bit) or uint8 [N, ceil(K/2)] (4-bit, two values per byte)
+      ``wscale``   float32 weight scales, shaped by the weight granularity (see `primitives.weight_scales`)
+      ``bias``     float [N] (if the source had one)
+      ``act_scale`` float32 0-d, the calibrated input scale (static activation mode only)
+    """
+
+    def __init__(self, in_features: int, out_features: int, spec: LayerQuant, bias: bool = True,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if spec.weight is None:
+            raise ValueError("QuantLinear needs a weight spec; keep floating-point layers as nn.Linear")
+        w = spec.weight
+        if w.granularity == "row_group" and w.groups is None:
+            raise ValueError("resolve the number of row groups before building a QuantLinear")
+        self.in_features, self.out_features = in_features, out_features
+        self.spec = spec
+        n, k = out_features, in_features
+        cols = (k + 1) // 2 if w.bits == 4 else k
+        self.register_buffer("qweight", torch.zeros(n, cols, dtype=torch.uint8 if w.bits == 4 else torch.int8))
+        if w.granularity == "row":
+            shape = (n,)
+        elif w.granularity == "row_group":
+            shape = (-(-n // P.rows_per_group(n, w.groups)),)
+        else:
+            shape = (n, -(-k // w.group_size))
+        self.register_buffer("wscale", torch.ones(shape, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(n, dtype=dtype) if bias else None)
+        self.register_buffer("act_scale", torch.ones((), dtype=torch.float32) if spec.act.mode == "static" else None)
+        self._row_scale: Tensor | None = None
+        self.kernel_cache: dict = {}   # backends may keep prepacked data here (never saved)
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_float(cls, module: nn.Module, spec: LayerQuant, act_absmax: Tensor | None = None) -> "QuantLinear":
+        """Quantize an ``nn.Linear`` or ``Conv1D``; ``act_absmax`` is required for static activations."""
+        weight, bias = float_weight(module)
+        n, k = weight.shape
+        layer = cls(k, n, spec, bias=bias is not None, dtype=weight.dtype)
+        layer.set_weight(weight.detach(), None if bias is None else bias.detach())
+        if spec.act.mode == "static":
+            if act_absmax is None:
+                raise ValueError("static activation quantization needs a calibrated act_absmax")
+            layer.act_scale.copy_(P.static_scale(act_absmax))
+        return layer
+
+    @torch.no_grad()
+    def set_weight(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        """Quantize a float weight [N, K] into this layer's storage."""
+        w = self.spec.weight
+        args = (w.granularity, w.groups, w.group_size)
+        scales = P.weight_scales(weight, w.bits, *args)
+        q = P.quantize_weight(weight, scales, w.bits, *args)
+        self.qweight.copy_(P.pack_int4(q) if w.bits == 4 else q)
+        self.wscale.copy_(scales)
+        if bias is not None:
+            self.bias.copy_(bias)
+        self._row_scale = None
+        self.kernel_cache.clear()
+
+    # -- views used by the kernels --------------------------------------------------------
+
+    @property
+    def weight_spec(self) -> WeightQuant:
+        return self.spec.weight
+
+    @property
+    def act_spec(self) -> ActQuant:
+        return self.spec.act
+
+    def int_weight(self) -> Tensor:
+        """The integer weight as int8 [N, K] (unpacked if INT4)."""
+        if self.spec.weight.bits == 4:
+            return P.unpack_int4(self.qweight, self.in_features)
+        return self.qweight
+
+    def row_scale(self) -> Tensor:
+        """Per-output-row weight scale float32 [N] (row and row_group granularities)."""
+        if self._row_scale is None or self._row_scale.device != self.wscale.device:
+            w = self.spec.weight
+            if w.granularity == "input_group":
+                raise ValueError("input_group weights have no per-row scale")
+            self._row_scale = P.expand_weight_scales(
+                self.wscale, (self.out_features, self.in_features), w.granularity, w.groups).reshape(-1).contiguous()
+        return self._row_scale
+
+    def dequantized_weight(self) -> Tensor:
+        """Float32 weight [N, K] that this layer represents."""
+        w = self.spec.weight
+        return P.dequantize_weight(self.int_weight(), self.wscale, w.granularity, w.groups, w.group_size)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._row_scale = None
+        self.kernel_cache.clear()
+
+    # -- forward --------------------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        from .kernels import qlinear
+        return qlinear(self, x)
+
+    def extra_repr(self) -> str:
+        w, a = self.spec.weight, self.spec.act
+        g = {"row": "per-row", "row_group": f"{w.groups} row groups",
+             "input_group": f"input groups of {w.group_size}"}[w.granularity]
+        act = "fp" if a.mode == "none" else f"int8 {a.mode}{'' if a.symmetric else ' asym'}"
+        return f"in={self.in_features}, out={self.out_features}, W{w.bits} {g}, act={act}, bias={self.bias is not None}"

@@ -1,0 +1,191 @@
+"""Pure quantization primitives: tensors in, tensors out.
+
+No modules, no device moves, no printing. Conventions used everywhere in zquant:
+
+* Symmetric quantization uses the restricted range ``[-qmax, qmax]`` with ``qmax = 2**(bits-1) - 1``
+  (127 for INT8, 7 for INT4) and ``scale = absmax / qmax``, the paper's formula.
+* Rounding is round-half-to-even (``torch.round``), the same as ``rintf`` in the C++ kernels.
+* A group whose values are all zero gets scale 1.0 (its integers are all zero anyway), so no
+  division by zero ever happens.
+* Weights are ``[N, K]`` (output rows x input columns), activations ``[M, K]`` (tokens x features).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def qmax(bits: int) -> int:
+    """Largest magnitude of a symmetric ``bits``-bit integer (restricted range)."""
+    return 2 ** (bits - 1) - 1
+
+
+def _safe_scale(absmax: Tensor, bits: int) -> Tensor:
+    absmax = absmax.float()
+    return torch.where(absmax > 0, absmax / qmax(bits), torch.ones_like(absmax))
+
+
+def rows_per_group(n_rows: int, groups: int) -> int:
+    """Rows in one ZeroQuant row group; the last group may be shorter when ``groups`` does not divide N."""
+    return math.ceil(n_rows / max(1, min(groups, n_rows)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------------
+
+def weight_scales(w: Tensor, bits: int, granularity: str, groups: int | None = None,
+                  group_size: int = 128) -> Tensor:
+    """Symmetric scales for a weight ``w`` [N, K].
+
+    Returns float32 scales shaped by granularity:
+      ``row``         -> [N]
+      ``row_group``   -> [ceil(N / rows_per_group(N, groups))], one per block of consecutive rows
+      ``input_group`` -> [N, ceil(K / group_size)]
+    """
+    n, k = w.shape
+    a = w.detach().abs().float()
+    if granularity == "row":
+        return _safe_scale(a.amax(dim=1), bits)
+    if granularity == "row_group":
+        if groups is None:
+            raise ValueError("row_group granularity needs `groups`")
+        r = rows_per_group(n, groups)
+        row_max = a.amax(dim=1)                                   # [N]
+        pad = (-n) % r
+        row_max = torch.nn.functional.pad(row_max, (0, pad))      # zeros never raise a max
+        return _safe_scale(row_max.view(-1, r).amax(dim=1), bits)  # [G]
+    if granularity == "input_group":
+        pad = (-k) % group_size
+        a = torch.nn.functional.pad(a, (0, pad)).view(n, -1, group_size)  # [N, K/gs, gs]
+        return _safe_scale(a.amax(dim=2), bits)
+    raise ValueError(f"unknown granularity {granularity!r}")
+
+
+def expand_weight_scales(scales: Tensor, shape: tuple[int, int], granularity: str,
+                         groups: int | None = None, group_size: int = 128) -> Tensor:
+    """Broadcast ``scales`` to something that multiplies a [N, K] tensor: [N, 1] or [N, K]."""
+    n, k = shape
+    if granularity == "row":
+        return scales.view(n, 1)
+    if granularity == "row_group":
+        r = rows_per_group(n, groups)
+        return scales.repeat_interleave(r)[:n].view(n, 1)
+    if granularity == "input_group":
+        return scales.repeat_interleave(group_size, dim=1)[:, :k]
+    raise ValueError(f"unknown granularity {granularity!r}")
+
+
+def quantize_weight(w: Tensor, scales: Tensor, bits: int, granularity: str,
+                    groups: int | None = None, group_size: int = 128) -> Tensor:
+    """Integer weight [N, K] int8 (values in ``[-qmax, qmax]``) for the given scales."""
+    s = expand_weight_scales(scales, tuple(w.shape), granularity, groups, group_size)
+    q = torch.round(w.detach().float() / s).clamp_(-qmax(bits), qmax(bits))
+    return q.to(torch.int8)
+
+
+def dequantize_weight(q: Tensor, scales: Tensor, granularity: str, groups: int | None = None,
+                      group_size: int = 128) -> Tensor:
+    """Float32 weight [N, K] from integers [N, K] and scales."""
+    s = expand_weight_scales(scales, tuple(q.shape), granularity, groups, group_size)
+    return q.float() * s
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+# ---------------------------------------------------------------------------------------------
+
+def quantize_per_token(x: Tensor, symmetric: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Token-wise dynamic INT8 quantization of ``x`` [M, K].
+
+    Returns ``(q int8 [M, K], scale float32 [M], zero_point int32 [M] or None)`` with
+    ``x ~= (q - zero_point) * scale``. Symmetric: ``scale = absmax / 127``, ``q`` in [-127, 127].
+    Asymmetric: the token's range, widened to include 0, maps onto [-128, 127].
+    """
+    xf = x.float()
+    if symmetric:
+        scale = _safe_scale(xf.abs().amax(dim=1), 8)
+        q = torch.round(xf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        return q, scale, None
+    lo = xf.amin(dim=1).clamp(max=0.0)
+    hi = xf.amax(dim=1).clamp(min=0.0)
+    span = hi - lo
+    scale = torch.where(span > 0, span / 255.0, torch.ones_like(span))
+    zero = (-128 - torch.round(lo / scale)).clamp_(-128, 127)
+    q = (torch.round(xf / scale[:, None]) + zero[:, None]).clamp_(-128, 127).to(torch.int8)
+    return q, scale, zero.to(torch.int32)
+
+
+def quantize_per_tensor(x: Tensor, scale: Tensor) -> Tensor:
+    """Static symmetric INT8 quantization of ``x`` with one calibrated ``scale`` (0-d float)."""
+    return torch.round(x.float() / scale).clamp_(-127, 127).to(torch.int8)
+
+
+def static_scale(absmax: Tensor) -> Tensor:
+    """The per-tensor INT8 scale for a calibrated absolute maximum."""
+    return _safe_scale(absmax.reshape(()), 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Straight-through fake quantization (used by LKD)
+# ---------------------------------------------------------------------------------------------
+
+def ste(x: Tensor, xq: Tensor) -> Tensor:
+    """Value of ``xq``, gradient of the identity with respect to ``x`` (straight-through)."""
+    return x + (xq - x).detach()
+
+
+def fake_quantize_weight(w: Tensor, bits: int, granularity: str, groups: int | None = None,
+                         group_size: int = 128) -> Tensor:
+    """Quantize-dequantize ``w`` [N, K] with scales from ``w`` itself; straight-through gradient."""
+    s = weight_scales(w, bits, granularity, groups, group_size)
+    q = quantize_weight(w, s, bits, granularity, groups, group_size)
+    return ste(w, dequantize_weight(q, s, granularity, groups, group_size).to(w.dtype))
+
+
+def fake_quantize_per_token(x: Tensor, symmetric: bool = True) -> Tensor:
+    """Token-wise dynamic INT8 quantize-dequantize of ``x`` [..., K]; straight-through gradient."""
+    flat = x.reshape(-1, x.shape[-1])
+    q, scale, zero = quantize_per_token(flat, symmetric)
+    deq = (q.float() - (0 if zero is None else zero[:, None].float())) * scale[:, None]
+    return ste(x, deq.view(x.shape).to(x.dtype))
+
+
+def fake_quantize_per_tensor(x: Tensor, scale: Tensor) -> Tensor:
+    """Static INT8 quantize-dequantize of ``x`` with a fixed ``scale``; straight-through gradient."""
+    return ste(x, (quantize_per_tensor(x, scale).float() * scale).to(x.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# INT4 packing
+# ---------------------------------------------------------------------------------------------
+
+def pack_int4(q: Tensor) -> Tensor:
+    """Pack int8 values in [-8, 7] of shape [N, K] into uint8 [N, ceil(K/2)].
+
+    Column ``2j`` goes into the low nibble of byte ``j``, column ``2j+1`` into the high nibble
+    (two's complement nibbles). An odd K is padded with a zero nibble.
+    """
+    if q.dtype != torch.int8:
+        raise TypeError(f"pack_int4 expects int8, got {q.dtype}")
+    if q.numel() and (q.min() < -8 or q.max() > 7):
+        raise ValueError("pack_int4: values must lie in [-8, 7]")
+    n, k = q.shape
+    if k % 2:
+        q = torch.nn.functional.pad(q, (0, 1))
+    u = q.view(torch.uint8) & 0x0F                                  # two's complement nibbles
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(p: Tensor, k: int) -> Tensor:
+    """Inverse of `pack_int4`: uint8 [N, ceil(K/2)] -> int8 [N, K]."""
+    if p.dtype != torch.uint8:
+        raise TypeError(f"unpack_int4 expects uint8, got {p.dtype}")
+    lo = (p & 0x0F).to(torch.int8)
+    hi = (p >> 4).to(torch.int8)
+    # Sign-extend a 4-bit two's complement value: (v ^ 8) - 8.
+    lo = (lo ^ 8) - 8
+    hi = (hi ^ 8) - 8
+    return torch.stack((lo, hi), dim=-1).view(p.shape[0], -1)[:, :k].contiguous()

