@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny random models of every supported family, built from configs (nothing downloads)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+
+def _tiny_configs():
+    from transformers import BertConfig, GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig, OPTConfig
+    common = dict(vocab_size=211)
+    return {
+        "llama": lambda: LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, max_position_embeddings=128, **common),
+        "bert": lambda: BertConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   max_position_embeddings=128, **common),
+        "gpt2": lambda: GPT2Config(n_embd=48, n_layer=2, n_head=4, n_positions=128, **common),
+        "opt": lambda: OPTConfig(hidden_size=48, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                                 max_position_embeddings=128, word_embed_proj_dim=48, **common),
+        "gpt_neox": lambda: GPTNeoXConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                          num_attention_heads=4, max_position_embeddings=128, **common),
+        "gptj": lambda: GPTJConfig(n_embd=48, n_layer=2, n_head=4, n_positions=128, rotary_dim=8, **common),
+    }
+
+
+FAMILIES = ["llama", "bert", "gpt2", "opt", "gpt_neox", "gptj"]
+
+
+def make_tiny(family: str, seed: int = 0):
+    """A tiny random model of ``family`` in eval mode: a causal LM, or a BertModel for ``bert``."""
+    from transformers import AutoModel, AutoModelForCausalLM
+    torch.manual_seed(seed)
+    config = _tiny_configs()[family]()
+    cls = AutoModel if family == "bert" else AutoModelForCausalLM
+    model = cls.from_config(config).eval()
+    # Random init leaves biases at zero and LayerNorms at identity; perturb them so tests see real values.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name.lower():
+                p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny_family(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny("llama")
+
+
+@pytest.fixture
+def tiny_bert():
+    return make_tiny("bert")
+
+
+def sample_ids(vocab: int = 211, batch: int = 2, seq: int = 24, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def snr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-noise ratio of ``approx`` against ``reference`` in dB."""
+    noise = (reference.float() - approx.float()).pow(2).mean()
+    return float(10 * torch.log10(reference.float().pow(2).mean() / noise.clamp(min=1e-30)))
