@@ -1,0 +1,121 @@
+"""Save / load: bit-exact round trips, atomic writes, clear errors on bad checkpoints."""
+import json
+
+import pytest
+import torch
+
+import zquant
+from conftest import make_tiny, sample_ids
+from zquant import io, kernels
+from zquant.io import CheckpointError
+from zquant.modules import QuantLinear
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = zquant.quantize(make_tiny("llama"), "w4/8a8")
+    path = zquant.save(model, tmp_path / "ckpt")
+    return model, path
+
+
+def _out(model, ids):
+    out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "gpt2"])
+@pytest.mark.parametrize("scheme", ["w8a8", "w4/8a16", "w8a8-static"])
+def test_round_trip_is_bit_exact(tmp_path, family, scheme):
+    model = zquant.quantize(make_tiny(family), scheme, calibration=[{"input_ids": sample_ids(seed=3)}])
+    zquant.save(model, tmp_path / "q")
+    loaded = zquant.load(tmp_path / "q")
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    ids = sample_ids()
+    with kernels.use_backend("reference"):
+        assert torch.equal(_out(model, ids), _out(loaded, ids))
+    assert loaded.zquant_info["scheme"]["name"] == scheme
+    assert not loaded.training
+
+
+def test_checkpoint_is_really_small(saved):
+    model, path = saved
+    meta = json.loads((path / "zquant.json").read_text())
+    assert meta["adapter"] == "llama" and meta["zquant_version"] == zquant.__version__
+    q4 = [m for m in model.modules() if isinstance(m, QuantLinear) and m.spec.weight.bits == 4]
+    assert q4 and all(m.qweight.dtype == torch.uint8 for m in q4)
+    from safetensors import safe_open
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes["model.layers.0.mlp.up_proj.qweight"] == "U8"
+    assert dtypes["model.layers.0.self_attn.q_proj.qweight"] == "I8"
+
+
+def test_truncated_weights(saved):
+    _, path = saved
+    f = path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        zquant.load(path)
+
+
+def test_tampered_weights(saved):
+    _, path = saved
+    f = path / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-10] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        zquant.load(path)
+
+
+def test_missing_and_broken_metadata(saved, tmp_path):
+    _, path = saved
+    with pytest.raises(CheckpointError, match="not a directory"):
+        io.load(tmp_path / "nope")
+    (path / "zquant.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        zquant.load(path)
+    (path / "zquant.json").unlink()
+    with pytest.raises((CheckpointError, ValueError), match="zquant.json|config.json"):
+        zquant.load(path)
+
+
+def test_mismatched_scheme_is_detected(saved):
+    _, path = saved
+    meta = json.loads((path / "zquant.json").read_text())
+    meta["scheme"]["mlp"]["weight"]["bits"] = 8        # says INT8, file holds packed INT4
+    (path / "zquant.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="does not match"):
+        zquant.load(path)
+
+
+def test_bad_scheme_in_metadata(saved):
+    _, path = saved
+    meta = json.loads((path / "zquant.json").read_text())
+    meta["scheme"]["mlp"]["weight"]["bits"] = 5
+    (path / "zquant.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="weight.bits"):
+        zquant.load(path)
+
+
+def test_interrupted_save_leaves_previous_checkpoint(saved, monkeypatch):
+    model, path = saved
+    before = (path / "model.safetensors").read_bytes()
+    import safetensors.torch
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(safetensors.torch, "save_model", crash)
+    with pytest.raises(KeyboardInterrupt):
+        zquant.save(model, path)
+    assert (path / "model.safetensors").read_bytes() == before
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".ckpt.tmp")]
+    zquant.load(path)
+
+
+def test_save_requires_a_quantized_model(tmp_path):
+    with pytest.raises(ValueError, match="quantized"):
+        zquant.save(make_tiny("llama"), tmp_path / "x")

