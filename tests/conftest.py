@@ -10,9 +10,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
 
-def _tiny_configs():
+def _tiny_configs(vocab_size: int = 211):
     from transformers import BertConfig, GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig, OPTConfig
-    common = dict(vocab_size=211)
+    common = dict(vocab_size=vocab_size)
     return {
         "llama": lambda: LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                                      num_key_value_heads=2, max_position_embeddings=128, **common),
@@ -30,11 +30,11 @@ def _tiny_configs():
 FAMILIES = ["llama", "bert", "gpt2", "opt", "gpt_neox", "gptj"]
 
 
-def make_tiny(family: str, seed: int = 0):
+def make_tiny(family: str, seed: int = 0, vocab_size: int = 211):
     """A tiny random model of ``family`` in eval mode: a causal LM, or a BertModel for ``bert``."""
     from transformers import AutoModel, AutoModelForCausalLM
     torch.manual_seed(seed)
-    config = _tiny_configs()[family]()
+    config = _tiny_configs(vocab_size)[family]()
     cls = AutoModel if family == "bert" else AutoModelForCausalLM
     model = cls.from_config(config).eval()
     # Random init leaves biases at zero and LayerNorms at identity; perturb them so tests see real values.
@@ -66,5 +66,32 @@ def sample_ids(vocab: int = 211, batch: int = 2, seq: int = 24, seed: int = 1) -
 
 def snr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-noise ratio of ``approx`` against ``reference`` in dB."""
-    noise = (reference.float() - approx.float()).pow(2).mean()
-    return float(10 * torch.log10(reference.float().pow(2).mean() / noise.clamp(min=1e-30)))
+    reference, approx = reference.detach().float(), approx.detach().float()
+    noise = (reference - approx).pow(2).mean()
+    return float(10 * torch.log10(reference.pow(2).mean() / noise.clamp(min=1e-30)))
+
+
+def tiny_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained in memory on a few sentences (nothing downloads)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["[UNK]", "[PAD]", "[CLS]", "[SEP]"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog."] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny Llama saved as a Hugging Face directory, with its tokenizer."""
+    path = tmp_path / "tiny-llama"
+    tok = tiny_tokenizer()
+    model = make_tiny("llama", vocab_size=300)
+    assert len(tok) <= model.config.vocab_size
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

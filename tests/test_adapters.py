@@ -2,7 +2,6 @@
 import copy
 
 import pytest
-import torch
 from torch import nn
 
 from conftest import make_tiny, sample_ids, snr_db

@@ -14,11 +14,12 @@ _os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 __version__ = "0.1.0"
 
-from .config import ActQuant, ConfigError, LayerQuant, Override, PRESETS, QuantConfig, WeightQuant, get_scheme  # noqa: E402
+from .config import (ActQuant, ConfigError, LayerQuant, LKDConfig, Override, PRESETS, QuantConfig,  # noqa: E402
+                     WeightQuant, get_scheme)
 from .modules import QuantLinear  # noqa: E402
 from .api import load, load_tokenizer, quantize, save  # noqa: E402
 
 __all__ = [
-    "ActQuant", "ConfigError", "LayerQuant", "Override", "PRESETS", "QuantConfig", "QuantLinear", "WeightQuant",
-    "get_scheme", "load", "load_tokenizer", "quantize", "save", "__version__",
+    "ActQuant", "ConfigError", "LayerQuant", "LKDConfig", "Override", "PRESETS", "QuantConfig", "QuantLinear",
+    "WeightQuant", "get_scheme", "load", "load_tokenizer", "quantize", "save", "__version__",
 ]

@@ -8,8 +8,9 @@ from typing import Iterable
 from torch import Tensor, nn
 
 from . import io, sources
-from .config import QuantConfig, get_scheme
+from .config import ConfigError, LKDConfig, QuantConfig, get_scheme
 from .data import DEFAULT_CALIB_TEXT, sample_batches
+from .fusion import auto_fuse
 from .models import get_adapter
 from .surgery import plan, quantize_model
 
@@ -28,12 +29,17 @@ def load_tokenizer(model: str | os.PathLike):
 
 
 def quantize(model: nn.Module, scheme: str | QuantConfig, calibration: Iterable[dict[str, Tensor]] | None = None,
-             tokenizer=None, calib_text: str = DEFAULT_CALIB_TEXT) -> nn.Module:
+             tokenizer=None, calib_text: str = DEFAULT_CALIB_TEXT, lkd: LKDConfig | bool | None = None,
+             lkd_resume: str | os.PathLike | None = None, quiet: bool = False) -> nn.Module:
     """Quantize ``model`` in place with a preset name or a `QuantConfig`, and return it.
 
     Static activation schemes need calibration batches: pass ``calibration`` (model kwargs
     dicts), or a ``tokenizer`` and zquant samples ``calib_text`` (default: a packaged text that is
     not the default evaluation text).
+
+    ``lkd=True`` (default settings) or an `LKDConfig` distills every block with LKD (see
+    `zquant.lkd`); text data needs the ``tokenizer``. ``lkd_resume`` is a directory where finished
+    blocks are kept so an interrupted run can resume; ``quiet`` silences LKD's progress lines.
     """
     config = get_scheme(scheme)
     if getattr(model, "zquant_info", None):
@@ -48,9 +54,19 @@ def quantize(model: nn.Module, scheme: str | QuantConfig, calibration: Iterable[
         seq_len = 128 if adapter.kind == "encoder" else 256
         calibration = sample_batches(tokenizer, calib_text, count=16, seq_len=seq_len)
         calib_source = calib_text
-    quantize_model(model, config, calibration if needs_calibration else None, adapter)
+    if lkd is not None and not isinstance(lkd, (bool, LKDConfig)):
+        raise ConfigError(f"lkd must be True, False or an LKDConfig, got {type(lkd).__name__}")
+    if lkd is True:
+        lkd = LKDConfig()
+    if lkd:
+        from .lkd import distill
+        distill(model, config, lkd, tokenizer, calibration if needs_calibration else None, adapter,
+                resume_dir=lkd_resume, quiet=quiet)
+    else:
+        quantize_model(model, config, calibration if needs_calibration else None, adapter)
     if needs_calibration:
         model.zquant_info["calibration"] = {"text": calib_source}
+    auto_fuse(model)   # runtime-only module swaps for the CPU fast path; the state dict is unchanged
     return model
 
 

@@ -40,6 +40,45 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
+def _add_lkd_options(p: argparse.ArgumentParser, compare: bool = False) -> None:
+    from .config import LKD_LOSSES, LKDConfig
+    d = LKDConfig()
+    p.add_argument("--lkd", action="store_true",
+                   help="layer-by-layer knowledge distillation of every block" +
+                        (" (adds a SCHEME+lkd row per scheme)" if compare else ""))
+    p.add_argument("--lkd-data", default=None, metavar="TEXT",
+                   help=f"distillation data: a packaged text, a UTF-8 file, or 'random' token ids (default {d.data})" +
+                        ("; comma-separated for one SCHEME+lkd(TEXT) row each" if compare else ""))
+    p.add_argument("--lkd-samples", type=int, help=f"sequences to distill on (default {d.samples})")
+    p.add_argument("--lkd-seq-len", type=int, help=f"tokens per sequence (default {d.seq_len})")
+    p.add_argument("--lkd-steps", type=int, help=f"optimizer steps per block (default {d.steps})")
+    p.add_argument("--lkd-lr", type=float, help=f"AdamW learning rate (default {d.lr:g})")
+    p.add_argument("--lkd-batch-size", type=int, help=f"sequences per step (default {d.batch_size})")
+    p.add_argument("--lkd-seed", type=int, help=f"seed of the batch order and random data (default {d.seed})")
+    p.add_argument("--lkd-loss", choices=LKD_LOSSES, help=f"distillation loss (default {d.loss})")
+    p.add_argument("--lkd-resume", metavar="DIR", default=None,
+                   help="keep finished blocks in DIR and resume an interrupted run from there" +
+                        (" (one subfolder per row)" if compare else " (default: OUT.lkd-resume, removed after "
+                                                                    "the model is saved)"))
+
+
+def _lkd_configs(args) -> dict:
+    """``{row suffix: LKDConfig}`` from the --lkd options: ``{"+lkd": ...}``, one ``+lkd(DATA)`` per
+    comma-separated --lkd-data, or ``{}`` without --lkd."""
+    from .config import ConfigError, LKDConfig
+    names = ("samples", "seq_len", "steps", "lr", "batch_size", "seed", "loss")
+    given = {k: getattr(args, f"lkd_{k}", None) for k in names}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not getattr(args, "lkd", False):
+        if given or getattr(args, "lkd_data", None) or getattr(args, "lkd_resume", None):
+            raise ConfigError("the --lkd-* options need --lkd")
+        return {}
+    datas = _schemes(args.lkd_data) if args.lkd_data else [LKDConfig().data]
+    if len(datas) == 1:
+        return {"+lkd": LKDConfig(data=datas[0], **given)}
+    return {f"+lkd({d})": LKDConfig(data=d, **given) for d in datas}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zquant", description="ZeroQuant post-training quantization for "
                                      "Hugging Face transformers.")
@@ -52,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default=None, help="output directory (default: out/MODEL-SCHEME)")
     q.add_argument("--quiet", action="store_true", help="no progress on stderr")
     _add_scheme_options(q)
+    _add_lkd_options(q)
 
     e = sub.add_parser("eval", help="evaluate a floating-point model or a quantized directory")
     e.add_argument("model", help="MODEL (floating point) or a directory written by 'zquant quantize'")
@@ -64,8 +104,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--schemes", type=_schemes, default=["w8a8-static", "w8a8", "w8a16", "w4/8a16", "w4/8a8"],
                    help="comma-separated presets (default: all)")
     c.add_argument("--save", metavar="DIR", default=None, help="also save each quantized model under DIR")
+    c.add_argument("--report", metavar="DIR", default=None,
+                   help="also write DIR/index.html: one self-contained page with the table, sizes, range plots and "
+                        "per-layer SNR (measured on the --ppl text)")
+    c.add_argument("--report-tokens", type=int, default=256, help="tokens of text the report measures (default 256)")
     _add_scheme_options(c)
     _eval_options(c)
+    _add_lkd_options(c, compare=True)
+
+    i = sub.add_parser("inspect", help="activation / weight ranges and per-layer quantization error, as PNG + JSON")
+    i.add_argument("model", help="MODEL (floating point), or a directory written by 'zquant quantize' (its per-layer "
+                                 "error, and LKD before / after when it was distilled)")
+    i.add_argument("--text", default=None, help="sample text: a UTF-8 file or a packaged name (default: wiki)")
+    i.add_argument("--tokens", type=int, default=256, help="tokens of sample text (default 256)")
+    i.add_argument("--out", default=None, help="output directory (default: out/inspect-MODEL)")
+    i.add_argument("--schemes", type=_schemes, default=["w8a8"],
+                   help="comma-separated presets whose per-layer SNR to measure (default w8a8; 'none' for none)")
+    i.add_argument("--blocks", default="auto",
+                   help="blocks to plot in detail: 'auto' (first, middle, last), 'all', or e.g. 0,5,11")
+    i.add_argument("--reference", default=None,
+                   help="for a quantized directory: its floating-point model (default: the recorded source)")
+    i.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    _add_scheme_options(i)
     return parser
 
 
@@ -98,24 +158,43 @@ def _log(args):
     return (lambda s: None) if args.quiet else (lambda s: print(f"zquant: {s}", file=sys.stderr, flush=True))
 
 
-def _quantize_fn(args, tokenizer):
+def _quantize_fn(args, tokenizer, lkd_resume=lambda name: None):
+    """``fn(model, name)`` quantizing with ``name``: a scheme, or a scheme plus an LKD suffix from
+    `_lkd_configs` (``w4/8a8+lkd``); ``lkd_resume(name)`` gives the LKD resume directory or None."""
     from .api import quantize
     from .data import DEFAULT_CALIB_TEXT
     calib = args.calib_text or DEFAULT_CALIB_TEXT
-    return lambda model, scheme: quantize(model, _config(args, scheme), tokenizer=tokenizer, calib_text=calib)
+    variants = _lkd_configs(args)
+
+    def run(model, name):
+        scheme, plus, suffix = name.partition("+")
+        lkd = variants[plus + suffix] if plus else None
+        return quantize(model, _config(args, scheme), tokenizer=tokenizer, calib_text=calib, lkd=lkd,
+                        lkd_resume=lkd_resume(name) if lkd else None, quiet=args.quiet)
+    return run
 
 
 def cmd_quantize(args) -> int:
     from .api import load, load_tokenizer, save
     config = _config(args, args.scheme)        # validate before the slow load
+    lkd = _lkd_configs(args)
+    if len(lkd) > 1:
+        raise ValueError("quantize takes one --lkd-data")
+    suffix = next(iter(lkd), "")
+    out = Path(args.out or f"out/{Path(str(args.model)).stem}-{config.name.replace('/', '_')}{'-lkd' if lkd else ''}")
+    # By default an LKD run keeps its finished blocks next to OUT until the model is saved, so
+    # running the same command again after an interruption resumes it.
+    resume = Path(args.lkd_resume) if args.lkd_resume else out.with_name(out.name + ".lkd-resume")
     log = _log(args)
     log(f"loading {args.model}")
     model, tokenizer = load(args.model), load_tokenizer(args.model)
-    log(f"quantizing with {config.name}")
-    model = _quantize_fn(args, tokenizer)(model, args.scheme)
+    log(f"quantizing with {config.name}{' and LKD' if lkd else ''}")
+    model = _quantize_fn(args, tokenizer, lambda name: resume)(model, args.scheme + suffix)
     model.zquant_info["source"] = str(args.model)
-    out = Path(args.out or f"out/{Path(str(args.model)).stem}-{config.name.replace('/', '_')}")
     save(model, out, tokenizer)
+    if lkd and not args.lkd_resume:
+        import shutil
+        shutil.rmtree(resume, ignore_errors=True)
     print(out)
     return 0
 
@@ -159,17 +238,30 @@ def cmd_compare(args) -> int:
     from .evaluate import compare, format_table
     for scheme in args.schemes:
         _config(args, scheme)                  # validate every scheme before the slow work
+    names = [s + suffix for s in args.schemes for suffix in ("", *_lkd_configs(args))]
     log = _log(args)
     log(f"loading {args.model}")
     model, tokenizer = load(args.model), load_tokenizer(args.model)
-    quantize_fn = _quantize_fn(args, tokenizer)
+    resume = (lambda name: Path(args.lkd_resume) / name.replace("/", "_")) if args.lkd_resume else (lambda name: None)
+    quantize_fn = _quantize_fn(args, tokenizer, resume)
 
     def quantize_and_record(m, scheme):
         m = quantize_fn(m, scheme)
         m.zquant_info["source"] = str(args.model)
         return m
 
-    rows = compare(model, tokenizer, args.schemes, _eval_opts(args), quantize_and_record, args.save, log)
+    opts = _eval_opts(args)
+    collector = None
+    if args.report:
+        from .inspect import sample_input
+        from .report import SnrCollector
+        collector = SnrCollector(model, sample_input(tokenizer, opts.text, args.report_tokens), tokenizer, log)
+    rows = compare(model, tokenizer, names, opts, quantize_and_record, args.save, log, on_quantized=collector)
+    if args.report:
+        from .report import compare_report
+        page = compare_report(args.report, model, collector, rows, _model_label(args.model), opts.text,
+                              command=getattr(args, "command_line", None))
+        log(f"report written to {page}")
     if args.json:
         print(json.dumps({"model": str(args.model), "rows": rows}))
     else:
@@ -177,12 +269,56 @@ def cmd_compare(args) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare}
+def _model_label(model: str) -> str:
+    """How plots name a MODEL argument: a built-in name as is, a path by its file or folder name."""
+    return Path(str(model)).stem if str(model).endswith(".gguf") else Path(str(model)).name
+
+
+def cmd_inspect(args) -> int:
+    import copy
+    from . import io
+    from .api import load, load_tokenizer
+    from .data import DEFAULT_EVAL_TEXT, read_text
+    from .inspect import sample_input
+    from .plots import Caption
+    from .report import file_stem, inspect_to_dir
+    text = args.text or DEFAULT_EVAL_TEXT
+    read_text(text)                            # a bad --text fails before the slow load
+    schemes = [s for s in args.schemes if s != "none"]
+    for scheme in schemes:
+        _config(args, scheme)
+    log = _log(args)
+    log(f"loading {args.model}")
+    tokenizer = load_tokenizer(args.model)
+    if io.is_checkpoint(args.model):
+        qmodel = load(args.model)
+        fp = _reference_model(args, args.model)
+        quantized = {_model_label(args.model): lambda: qmodel}
+    else:
+        fp = load(args.model)
+        quantize_fn = _quantize_fn(args, tokenizer)
+        quantized = {s: (lambda s=s: quantize_fn(copy.deepcopy(fp), s)) for s in schemes}
+    ids = sample_input(tokenizer, text, args.tokens)
+    label = _model_label(args.model)
+    out = Path(args.out or f"out/inspect-{file_stem(label)}")
+    manifest = inspect_to_dir(out, fp, ids, Caption(label, text, ids.numel()), args.blocks, quantized, tokenizer, log)
+    log(f"{len(manifest['plots'])} plots and {len(manifest['json'])} JSON files in {manifest['seconds']} s")
+    print(out)
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import shlex
+    args.command_line = shlex.join(["zquant", *(sys.argv[1:] if argv is None else argv)])   # shown in reports
+    # zquant prints its own progress; transformers' tqdm bars (GGUF conversion, weight loading)
+    # would only add noise to logs.
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

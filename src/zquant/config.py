@@ -164,7 +164,7 @@ class Override:
     def parse(cls, text: str) -> "Override":
         """Parse the command-line form ``PATTERN=fp`` or ``PATTERN:key=value,key=value``,
         e.g. ``*.down_proj:bits=8,act=none`` or ``*.layers.0.*=fp``."""
-        if text.endswith("=fp") and ":" not in text:
+        if text.endswith("=fp"):
             return cls(pattern=text[:-3], float=True)
         pattern, sep, rest = text.rpartition(":")
         _check(bool(sep) and bool(pattern),
@@ -262,3 +262,58 @@ def get_scheme(scheme: "str | QuantConfig") -> QuantConfig:
     if scheme not in PRESETS:
         raise ConfigError(f"unknown scheme {scheme!r}; presets are: {', '.join(PRESETS)}")
     return PRESETS[scheme]
+
+
+LKD_LOSSES = ("mse", "rel_mse")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class LKDConfig:
+    """Layer-by-layer knowledge distillation settings (see `zquant.lkd`).
+
+    data:       distillation text: a packaged name (``technical``, ``tiny``, ...), a UTF-8 file path,
+                or ``random`` for uniformly random token ids (no text at all).
+    samples:    number of sequences of ``seq_len`` tokens that every block is distilled on.
+    steps:      optimizer steps per block, each on one batch of ``batch_size`` sequences.
+    lr:         constant AdamW learning rate.
+    seed:       seeds the batch order (and the random tokens); same seed, same bytes.
+    loss:       ``mse`` (the paper's) or ``rel_mse`` (each token's squared error divided by the
+                teacher token's mean square, so tokens with huge activations do not dominate).
+    """
+
+    data: str = "technical"
+    samples: int = 64
+    seq_len: int = 256
+    steps: int = 100
+    lr: float = 1e-4
+    batch_size: int = 4
+    seed: int = 0
+    loss: str = "mse"
+
+    def __post_init__(self):
+        _check(isinstance(self.data, str) and self.data.strip() != "",
+               f"lkd.data must be a packaged text name, a file path or 'random', got {self.data!r}")
+        _check(_is_int(self.samples) and self.samples >= 1, f"lkd.samples must be an integer >= 1, got {self.samples!r}")
+        _check(_is_int(self.seq_len) and self.seq_len >= 2, f"lkd.seq_len must be an integer >= 2, got {self.seq_len!r}")
+        _check(_is_int(self.steps) and self.steps >= 0,
+               f"lkd.steps must be an integer >= 0 (0 = no training), got {self.steps!r}")
+        _check(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and 0 < self.lr < 1,
+               f"lkd.lr must be a number in (0, 1), got {self.lr!r}")
+        _check(_is_int(self.batch_size) and 1 <= self.batch_size,
+               f"lkd.batch_size must be an integer >= 1, got {self.batch_size!r}")
+        _check(self.batch_size <= self.samples,
+               f"lkd.batch_size ({self.batch_size}) must not exceed lkd.samples ({self.samples})")
+        _check(_is_int(self.seed) and self.seed >= 0, f"lkd.seed must be an integer >= 0, got {self.seed!r}")
+        _check(self.loss in LKD_LOSSES, f"lkd.loss must be one of {LKD_LOSSES}, got {self.loss!r}")
+        object.__setattr__(self, "lr", float(self.lr))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LKDConfig":
+        return _from_mapping(cls, data, "lkd")

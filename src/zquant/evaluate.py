@@ -89,9 +89,12 @@ def evaluate(model: nn.Module, tokenizer, opts: EvalOptions, reference: EncoderR
 
 def compare(fp_model: nn.Module, tokenizer, schemes: list, opts: EvalOptions,
             quantize_fn: Callable[[nn.Module, object], nn.Module], save_dir: str | Path | None = None,
-            log: Callable[[str], None] = lambda s: None) -> list[dict]:
+            log: Callable[[str], None] = lambda s: None,
+            on_quantized: Callable[[str, nn.Module], object] | None = None) -> list[dict]:
     """Rows for floating point and each scheme. ``quantize_fn(model_copy, scheme)`` quantizes a
-    deep copy of the floating-point model; with ``save_dir`` each quantized model is saved there."""
+    deep copy of the floating-point model; with ``save_dir`` each quantized model is saved there.
+    ``on_quantized(name, qmodel)`` sees each quantized model before it is freed (the report uses
+    it to measure per-layer error)."""
     kind = get_adapter(fp_model).kind
     reference = EncoderReference.build(fp_model, tokenizer, opts) if kind == "encoder" else None
     log("evaluating floating point")
@@ -109,6 +112,8 @@ def compare(fp_model: nn.Module, tokenizer, schemes: list, opts: EvalOptions,
                "quantize_seconds": round(quantize_seconds, 2)}
         if getattr(qmodel, "zquant_info", {}).get("lkd"):
             row["lkd"] = True
+        if on_quantized is not None:
+            on_quantized(name, qmodel)
         rows.append(row)
         del qmodel
     fp = rows[0]

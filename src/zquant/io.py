@@ -194,4 +194,6 @@ def load(directory: str | os.PathLike) -> nn.Module:
         raise CheckpointError(f"{weights}: does not match the recorded model and scheme: {first}") from None
     model.zquant_info = {k: meta[k] for k in meta if k not in
                          ("format", "format_version", "source_config", "model_class", "weights", "torch_version")}
-    return model.eval()
+    from .fusion import auto_fuse
+    auto_fuse(model.eval())   # runtime-only module swaps for the CPU fast path
+    return model

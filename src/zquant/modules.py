@@ -132,7 +132,63 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         w, a = self.spec.weight, self.spec.act
-        g = {"row": "per-row", "row_group": f"{w.groups} row groups",
+        g = {"row": "per-row", "row_group": f"{self.wscale.numel()} row groups",
              "input_group": f"input groups of {w.group_size}"}[w.granularity]
         act = "fp" if a.mode == "none" else f"int8 {a.mode}{'' if a.symmetric else ' asym'}"
         return f"in={self.in_features}, out={self.out_features}, W{w.bits} {g}, act={act}, bias={self.bias is not None}"
+
+
+class FakeQuantLinear(nn.Module):
+    """The trainable floating-point twin of `QuantLinear`, used by LKD.
+
+    It holds a float ``weight`` [N, K] (always [N, K], also for a GPT-2 ``Conv1D`` source) and
+    ``bias`` [N] as parameters. The forward fake-quantizes the weight with the layer's
+    `WeightQuant` and the input with its `ActQuant` (token-wise dynamic, static with the
+    calibrated ``act_scale``, or none), both with a straight-through gradient, then runs a float
+    ``F.linear``. Its output therefore matches, up to float rounding, the `QuantLinear` that
+    `to_quant()` builds from the same weight.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, spec: LayerQuant, act_scale: Tensor | None = None):
+        super().__init__()
+        if spec.weight is None or (spec.weight.granularity == "row_group" and spec.weight.groups is None):
+            raise ValueError("FakeQuantLinear needs a resolved weight spec (bits and, for row groups, groups)")
+        if spec.act.mode == "static" and act_scale is None:
+            raise ValueError("static activation quantization needs a calibrated act_scale")
+        self.spec = spec
+        self.out_features, self.in_features = weight.shape
+        # A Conv1D weight arrives as a transposed view: store a contiguous [N, K] copy.
+        self.weight = nn.Parameter(weight.detach().clone(memory_format=torch.contiguous_format))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.register_buffer("act_scale", None if spec.act.mode != "static" else act_scale.detach().float().clone())
+
+    @classmethod
+    def from_float(cls, module: nn.Module, spec: LayerQuant, act_absmax: Tensor | None = None) -> "FakeQuantLinear":
+        """Copy an ``nn.Linear`` or ``Conv1D`` (never mutated); ``act_absmax`` for static activations."""
+        weight, bias = float_weight(module)
+        scale = None if act_absmax is None else P.static_scale(act_absmax)
+        return cls(weight, bias, spec, scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        import torch.nn.functional as F
+        w, a = self.spec.weight, self.spec.act
+        weight = P.fake_quantize_weight(self.weight, w.bits, w.granularity, w.groups, w.group_size)
+        if a.mode == "dynamic":
+            x = P.fake_quantize_per_token(x, a.symmetric)
+        elif a.mode == "static":
+            x = P.fake_quantize_per_tensor(x, self.act_scale)
+        return F.linear(x, weight, self.bias)
+
+    @torch.no_grad()
+    def to_quant(self) -> QuantLinear:
+        """The real `QuantLinear` for the current weight (this module is left as it is)."""
+        layer = QuantLinear(self.in_features, self.out_features, self.spec, bias=self.bias is not None,
+                            dtype=self.weight.dtype)
+        layer.set_weight(self.weight, self.bias)
+        if self.act_scale is not None:
+            layer.act_scale.copy_(self.act_scale)
+        return layer
+
+    def extra_repr(self) -> str:
+        w, a = self.spec.weight, self.spec.act
+        return f"in={self.in_features}, out={self.out_features}, W{w.bits} fake, act={a.mode}"

@@ -132,30 +132,54 @@ def static_scale(absmax: Tensor) -> Tensor:
 # Straight-through fake quantization (used by LKD)
 # ---------------------------------------------------------------------------------------------
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward: ``xq`` exactly (``x + (xq - x)`` can be off by a rounding); backward: the
+    gradient passes to ``x`` unchanged. Nothing is saved for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, xq: Tensor) -> Tensor:
+        return xq.view_as(xq)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
 def ste(x: Tensor, xq: Tensor) -> Tensor:
     """Value of ``xq``, gradient of the identity with respect to ``x`` (straight-through)."""
-    return x + (xq - x).detach()
+    return _StraightThrough.apply(x, xq.detach())
 
+
+# The fake quantizers below compute exactly ``dequantize(quantize(x))`` of the functions above
+# (the same division, rounding and clamping; integers in [-127, 127] are exact in float), but on
+# detached tensors with in-place steps: LKD runs them on every linear layer at every step, where
+# a few extra passes over the activations cost more than the matrix products.
 
 def fake_quantize_weight(w: Tensor, bits: int, granularity: str, groups: int | None = None,
                          group_size: int = 128) -> Tensor:
     """Quantize-dequantize ``w`` [N, K] with scales from ``w`` itself; straight-through gradient."""
-    s = weight_scales(w, bits, granularity, groups, group_size)
-    q = quantize_weight(w, s, bits, granularity, groups, group_size)
-    return ste(w, dequantize_weight(q, s, granularity, groups, group_size).to(w.dtype))
+    wd = w.detach().float()
+    s = expand_weight_scales(weight_scales(wd, bits, granularity, groups, group_size), tuple(w.shape),
+                             granularity, groups, group_size)
+    deq = (wd / s).round_().clamp_(-qmax(bits), qmax(bits)).mul_(s)
+    return ste(w, deq.to(w.dtype))
 
 
 def fake_quantize_per_token(x: Tensor, symmetric: bool = True) -> Tensor:
     """Token-wise dynamic INT8 quantize-dequantize of ``x`` [..., K]; straight-through gradient."""
-    flat = x.reshape(-1, x.shape[-1])
-    q, scale, zero = quantize_per_token(flat, symmetric)
-    deq = (q.float() - (0 if zero is None else zero[:, None].float())) * scale[:, None]
+    flat = x.detach().reshape(-1, x.shape[-1]).float()
+    if symmetric:
+        scale = _safe_scale(flat.abs().amax(dim=1), 8)[:, None]             # [M, 1]
+        deq = (flat / scale).round_().clamp_(-127, 127).mul_(scale)
+    else:
+        q, scale, zero = quantize_per_token(flat, symmetric)
+        deq = (q.float() - zero[:, None].float()) * scale[:, None]
     return ste(x, deq.view(x.shape).to(x.dtype))
 
 
 def fake_quantize_per_tensor(x: Tensor, scale: Tensor) -> Tensor:
     """Static INT8 quantize-dequantize of ``x`` with a fixed ``scale``; straight-through gradient."""
-    return ste(x, (quantize_per_tensor(x, scale).float() * scale).to(x.dtype))
+    return ste(x, (x.detach().float() / scale).round_().clamp_(-127, 127).mul_(scale).to(x.dtype))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -157,14 +156,3 @@ def load_tokenizer(model: str | os.PathLike):
             warnings.simplefilter("ignore")
             return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
-
-
-def describe(model: str | os.PathLike) -> dict:
-    """A short JSON-able description of where a model came from (recorded in checkpoints)."""
-    text = str(model)
-    return {"source": text, "builtin": text in BUILTINS}
-
-
-def read_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)

@@ -7,6 +7,11 @@ preferred backend cannot be used for a reason other than the call's own shape or
 warning says so once.
 
 `use_backend("reference")` forces one backend (tests and accuracy comparisons use it).
+
+Runtime fusions (`zquant.fusion`, never saved) reach the kernels through here too: a backend may
+offer fused operations in ``Backend.fused`` (``linear_act``, ``gated``, ``norm``), found with
+`fused_op`. A fused module whose backend lacks the operation runs the model's original modules
+instead, so forcing the reference backend always gives the unfused model's numbers.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import contextlib
 import os
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from torch import Tensor
@@ -31,19 +36,36 @@ class Backend:
     # supports(module, x) -> True if this backend handles the call
     supports: Callable[[object, Tensor], bool]
     linear: Callable[[object, Tensor], Tensor]
+    # optional fused operations by name (see the module docstring and `zquant.fusion`)
+    fused: dict[str, Callable] = field(default_factory=dict)
 
 
 _BACKENDS: dict[str, Backend] = {}
+_ORDER: list[Backend] = []          # by descending priority
 _forced = threading.local()
 _warned: set[str] = set()
 
 
 def register(backend: Backend) -> None:
     _BACKENDS[backend.name] = backend
+    _ORDER[:] = sorted(_BACKENDS.values(), key=lambda b: -b.priority)
 
 
 def backends() -> list[str]:
     return [b.name for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority)]
+
+
+def backend(name: str) -> Backend:
+    """The registered backend called ``name``."""
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; registered: {backends()}")
+    return _BACKENDS[name]
+
+
+def warn_unavailable(backend: Backend, reason: str) -> None:
+    """The one-time warning that ``backend`` cannot run, and why."""
+    _warn_once(f"unavailable:{backend.name}", f"zquant: the {backend.name!r} kernels are unavailable ({reason}); "
+               "falling back to the reference path")
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -78,11 +100,10 @@ def select(module, x: Tensor) -> Backend:
         _warn_once(f"forced:{forced}", f"zquant: backend {forced!r} cannot run this layer "
                    f"({reason or 'unsupported layer config or shape'}); using the reference path")
         return _BACKENDS["reference"]
-    for backend in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
+    for backend in _ORDER:
         reason = backend.available()
         if reason is not None:
-            _warn_once(f"unavailable:{backend.name}",
-                       f"zquant: the {backend.name!r} kernels are unavailable ({reason}); falling back")
+            warn_unavailable(backend, reason)
             continue
         if backend.supports(module, x):
             return backend
@@ -94,5 +115,12 @@ def qlinear(module, x: Tensor) -> Tensor:
     return select(module, x).linear(module, x)
 
 
+def fused_op(name: str, module, x: Tensor) -> Callable | None:
+    """The fused operation ``name`` of the backend that would run ``module`` on ``x``, or None."""
+    return select(module, x).fused.get(name)
+
+
 register(Backend("reference", priority=0, available=lambda: None,
                  supports=lambda module, x: True, linear=reference.linear))
+
+from . import cpu  # noqa: E402,F401  -- registers the "cpu" backend

@@ -14,6 +14,9 @@ from .. import primitives as P
 
 def int_matmul(a: Tensor, b_t: Tensor) -> Tensor:
     """int8 [M, K] x int8 [N, K]^T -> int32 [M, N], exact."""
+    if a.shape[1] == 1:
+        # torch._int_mm returns wrong values for K = 1 on CPU (torch 2.13); the outer product is exact.
+        return a.to(torch.int32) * b_t.to(torch.int32).t()
     if a.device.type == "cpu" or (a.shape[0] > 16 and a.shape[1] % 8 == 0 and b_t.shape[0] % 8 == 0):
         return torch._int_mm(a, b_t.t())
     # CUDA's _int_mm wants M > 16 and multiples of 8: int32 matmul is not supported on GPU, but

@@ -24,6 +24,13 @@ class Adapter:
     # Norm -> the linear layers that read its output (relative to the block), for fused
     # norm+quantize kernels. A leading "next." means the layer of the following block.
     norm_feeds: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Runtime fusions of the CPU fast path (`zquant.fusion`); the first name is relative to the
+    # block, the next ones to that module. Modules whose forward is second(act(first(x))), or
+    # act(first(x)) when second is "": (module, first, activation, second, the linear that reads
+    # the activation, relative to the block).
+    act_mlps: tuple[tuple[str, str, str, str, str], ...] = ()
+    # Gated MLPs whose forward is down(act(gate(x)) * up(x)): (module, gate, up, down, activation).
+    gated_mlps: tuple[tuple[str, str, str, str, str], ...] = ()
 
     @property
     def default_groups(self) -> int:
@@ -60,17 +67,20 @@ _LLAMA_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 register(Adapter(
     "llama", ("llama", "mistral", "qwen2", "qwen3"), "decoder", "layers", _LLAMA_ATTN, _LLAMA_MLP,
-    norm_feeds=(("input_layernorm", _LLAMA_ATTN[:3]), ("post_attention_layernorm", _LLAMA_MLP[:2]))))
+    norm_feeds=(("input_layernorm", _LLAMA_ATTN[:3]), ("post_attention_layernorm", _LLAMA_MLP[:2])),
+    gated_mlps=(("mlp", "gate_proj", "up_proj", "down_proj", "act_fn"),)))
 register(Adapter(
     "bert", ("bert", "roberta", "xlm-roberta", "electra"), "encoder", "encoder.layer",
     ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"),
     ("intermediate.dense", "output.dense"),
     norm_feeds=(("attention.output.LayerNorm", ("intermediate.dense",)),
                 ("output.LayerNorm", ("next.attention.self.query", "next.attention.self.key",
-                                      "next.attention.self.value")))))
+                                      "next.attention.self.value"))),
+    act_mlps=(("intermediate", "dense", "intermediate_act_fn", "", "output.dense"),)))
 register(Adapter(
     "gpt2", ("gpt2",), "decoder", "h", ("attn.c_attn", "attn.c_proj"), ("mlp.c_fc", "mlp.c_proj"),
-    norm_feeds=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",)))))
+    norm_feeds=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
+    act_mlps=(("mlp", "c_fc", "act", "c_proj", "mlp.c_proj"),)))
 register(Adapter(
     "opt", ("opt",), "decoder", "layers",
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"), ("fc1", "fc2"),
@@ -80,11 +90,13 @@ register(Adapter(
     "gpt_neox", ("gpt_neox",), "decoder", "layers", ("attention.query_key_value", "attention.dense"),
     ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
     norm_feeds=(("input_layernorm", ("attention.query_key_value",)),
-                ("post_attention_layernorm", ("mlp.dense_h_to_4h",)))))
+                ("post_attention_layernorm", ("mlp.dense_h_to_4h",))),
+    act_mlps=(("mlp", "dense_h_to_4h", "act", "dense_4h_to_h", "mlp.dense_4h_to_h"),)))
 register(Adapter(
     "gptj", ("gptj",), "decoder", "h",
     ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"), ("mlp.fc_in", "mlp.fc_out"),
-    norm_feeds=(("ln_1", ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc_in")),)))
+    norm_feeds=(("ln_1", ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc_in")),),
+    act_mlps=(("mlp", "fc_in", "act", "fc_out", "mlp.fc_out"),)))
 
 _MLP_NAME = re.compile(r"(mlp|ffn|feed_forward|intermediate|fc\d|fc_in|fc_out|w[123]\b|dense_h_to_4h|dense_4h_to_h|"
                        r"(^|\.)output\.dense$|gate|up_proj|down_proj)")
@@ -109,8 +121,10 @@ def generic_adapter(model: nn.Module) -> Adapter:
     linears = [n for n, m in blocks[0].named_modules() if _is_linear(m)]
     mlp = tuple(n for n in linears if _MLP_NAME.search(n))
     attention = tuple(n for n in linears if n not in mlp)
-    is_decoder = bool(getattr(getattr(model, "config", None), "is_decoder", False)) or \
-        any(a.endswith("ForCausalLM") for a in (getattr(model.config, "architectures", None) or []))
+    config = getattr(model, "config", None)
+    names = [type(model).__name__, *(getattr(config, "architectures", None) or [])]
+    is_decoder = bool(getattr(config, "is_decoder", False)) or any(n.endswith(("ForCausalLM", "LMHeadModel"))
+                                                                    for n in names)
     return Adapter(f"generic:{model_type}", (model_type,), "decoder" if is_decoder else "encoder",
                    blocks_name, attention, mlp)
 

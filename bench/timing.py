@@ -1,0 +1,64 @@
+"""Timing helpers shared by the benchmarks: medians over >= 0.1 s intervals, re-measured while
+other processes use the CPU (the machines are shared; see docs/benchmarks.md)."""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+HZ = os.sysconf("SC_CLK_TCK")
+FOREIGN_LIMIT = 0.15     # cores used by other processes during a measurement, at most
+
+
+def busy_seconds() -> float:
+    """CPU seconds all processes on this machine have spent busy (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)       # idle + iowait
+    return (sum(fields[:8]) - idle) / HZ
+
+
+def own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class Contention(RuntimeError):
+    pass
+
+
+def measure(fn: Callable[[], object], min_time: float = 0.3, min_calls: int = 5, warmup: int = 3,
+            retries: int = 6, wait: float = 2.0, log: Callable[[str], None] | None = None) -> dict:
+    """Median seconds per call of ``fn``; repeated while foreign CPU use exceeds FOREIGN_LIMIT.
+
+    Returns {"median", "foreign" (cores used by others), "calls"}; ``foreign`` above the limit
+    means every retry was disturbed (reported, not hidden).
+    """
+    for _ in range(warmup):
+        fn()
+    best = None
+    for attempt in range(retries):
+        times = []
+        b0, o0, w0 = busy_seconds(), own_seconds(), time.perf_counter()
+        while len(times) < min_calls or sum(times) < min_time:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        wall = time.perf_counter() - w0
+        foreign = max(0.0, ((busy_seconds() - b0) - (own_seconds() - o0)) / wall)
+        result = {"median": statistics.median(times), "foreign": foreign, "calls": len(times)}
+        if best is None or foreign < best["foreign"]:
+            best = result
+        if foreign <= FOREIGN_LIMIT:
+            return result
+        if log:
+            log(f"  contention: others used {foreign:.2f} cores; re-measuring")
+        time.sleep(wait * (attempt + 1))
+    return best
+
+
+def setup_threads(n: int = 2) -> None:
+    torch.set_num_threads(n)

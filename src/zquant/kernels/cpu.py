@@ -1,0 +1,267 @@
+"""The CPU fast path: backend ``cpu`` (priority 10), an AVX-512 VNNI INT8 GEMM in C++.
+
+One call does what the reference does in many eager ops: token-wise quantization of the input
+(unless the producer of the input already did it, see below), the INT8 x INT8 -> INT32 GEMM
+against a prepacked weight, and the dequantizing epilogue (int32 x weight scale x token scale +
+bias, optionally followed by an activation), written once. Weights are prepacked on first use
+into ``module.kernel_cache["cpu"]`` (never saved; cleared when the weights change); INT4 weights
+stay packed two per byte and are unpacked inside the kernel, one cache-sized strip at a time.
+
+Fused quantization: an op that produces a linear layer's input (a normalization, a GEMM with an
+activation epilogue) can quantize its output in the same pass and attach the result to the float
+tensor it returns (`QuantizedActivation`, attribute ``ATTR``). A consumer uses it only if it asks
+for the same quantization and the tensor was not modified in place since; otherwise it
+quantizes the float tensor itself, so an attachment can never change a result.
+
+Numerics equal the reference: quantization divides by the scale and rounds half to even like
+``torch.round``; the epilogue rounds like the reference's separate multiply and add. A plain
+linear layer is bit-identical to `reference.linear`; fused activations and normalizations use
+their own vectorized exp/erf and sums, a few float32 ulps from PyTorch's.
+
+Paths by shape (all inside one C++ call; see docs/benchmarks.md): the GEMM splits the output
+columns over the threads (each streams its half of the weight: decode and M = 1..16 are weight-
+bandwidth bound) unless there are too few columns, then the rows; micro-kernels of 6 rows x 64
+columns, with 2-4 interleaved accumulator sets for 1-3 rows so that one token still keeps 16
+VNNI chains in flight.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..config import ActQuant
+from . import Backend, build, register
+
+ATTR = "zquant_quantized"
+ACT_CODES = {"relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
+NORM_CODES = {"rms": 0, "layer": 1}
+# int32 accumulation of u8 (<= 255) x s8 (<= 127 in magnitude) products stays exact below this.
+MAX_K = 65536
+_NO_QUANT = -1
+# How many linear calls reused an attached quantization / quantized their input themselves
+# (tests check that the fusions are really taken; two integer increments per call).
+stats = {"reused": 0, "quantized": 0}
+
+
+_OPS = None
+
+
+def _ops():
+    global _OPS
+    if _OPS is None:
+        reason = build.load()     # builds once
+        if reason is not None:
+            raise RuntimeError(f"zquant: the CPU kernels are unavailable: {reason}")
+        _OPS = torch.ops.zquant_cpu
+    return _OPS
+
+
+@dataclass(frozen=True)
+class QuantizedActivation:
+    """A token-wise INT8 activation in the kernel's format, attached to the float tensor it encodes.
+
+    ``u`` uint8 [M, Kp] holds q + 128 (Kp = K rounded up to 4, padding q = 0); ``scale`` float32 [M];
+    ``offset`` int32 [M] is 128 + the zero point (128 when symmetric), so x ~= (u - offset) * scale.
+    """
+    u: Tensor
+    scale: Tensor
+    offset: Tensor
+    symmetric: bool
+    version: int | None
+
+    def as_reference(self, k: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(q int8 [M, K], scale [M], zero int32 [M] or None), the `primitives.quantize_per_token` form."""
+        q = (self.u[:, :k].to(torch.int16) - 128).to(torch.int8)
+        return q, self.scale, None if self.symmetric else self.offset - 128
+
+
+def _version(t: Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:   # inference-mode tensors have no version counter
+        return None
+
+
+def _attach(y: Tensor, outs: list[Tensor], out: ActQuant | None) -> Tensor:
+    if out is not None and len(outs) == 4:
+        setattr(y, ATTR, QuantizedActivation(outs[1], outs[2], outs[3], out.symmetric, _version(y)))
+    return y
+
+
+def attached(x: Tensor, act: ActQuant) -> QuantizedActivation | None:
+    """The quantization attached to ``x`` if it is the one ``act`` asks for and still current."""
+    qa = getattr(x, ATTR, None)
+    if qa is None or act.mode != "dynamic" or qa.symmetric != act.symmetric or qa.version != _version(x):
+        return None
+    return qa
+
+
+def _out_mode(out: ActQuant | None) -> int:
+    if out is None or out.mode != "dynamic":
+        return _NO_QUANT
+    return 0 if out.symmetric else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight prepacking
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A weight in the kernel's tile layout (see csrc/zquant_cpu.cpp).
+
+    ``wpack`` int8 [T, K4, 64] (INT4: uint8 [T, K4, 32]) for T tiles of 16 output rows and
+    K4 = ceil(K/4) groups of 4 inputs; ``wsum`` int32 [16T] row sums of the integer weight;
+    ``wscale`` float32 [16T] per-row scales; ``wbias`` float32 [16T] or None. Padding rows are 0.
+    ``gated``: tiles alternate gate and up rows (16 each) and ``n`` counts one half.
+    """
+    wpack: Tensor
+    wsum: Tensor
+    wscale: Tensor
+    wbias: Tensor | None
+    bits: int
+    n: int
+    k: int
+    gated: bool = False
+
+
+def _pad_rows(t: Tensor, rows: int) -> Tensor:
+    pad = [0, 0] * (t.dim() - 1) + [0, rows - t.shape[0]]
+    return torch.nn.functional.pad(t, pad)
+
+
+def _layer_parts(module) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(int8 weight [Np, Kp], float32 row scales [Np], float32 bias [Np] or None), rows padded to 16."""
+    n, k = module.out_features, module.in_features
+    np_, kp = -(-n // 16) * 16, -(-k // 4) * 4
+    w = torch.nn.functional.pad(module.int_weight(), (0, kp - k, 0, np_ - n))
+    scale = _pad_rows(module.row_scale().float(), np_)
+    bias = None if module.bias is None else _pad_rows(module.bias.detach().float(), np_)
+    return w, scale, bias
+
+
+def _pack(w: Tensor, scale: Tensor, bias: Tensor | None, bits: int, n: int, k: int, gated: bool) -> PackedWeight:
+    np_, kp = w.shape
+    tiles = w.view(np_ // 16, 16, kp // 4, 4).permute(0, 2, 1, 3).reshape(np_ // 16, kp // 4, 64)
+    if bits == 4:
+        nib = tiles.view(torch.uint8) & 0x0F
+        tiles = nib[..., :32] | (nib[..., 32:] << 4)      # byte b: value b (low), value b + 32 (high)
+    return PackedWeight(tiles.contiguous(), w.sum(dim=1, dtype=torch.int32), scale.contiguous(),
+                        None if bias is None else bias.contiguous(), bits, n, k, gated)
+
+
+def pack(module) -> PackedWeight:
+    """Prepack a `QuantLinear` (row or row_group scales)."""
+    w, scale, bias = _layer_parts(module)
+    return _pack(w, scale, bias, module.weight_spec.bits, module.out_features, module.in_features, False)
+
+
+def pack_gated(gate, up) -> PackedWeight:
+    """Prepack two `QuantLinear`s of the same shape and bits with their 16-row tiles interleaved
+    (gate tile j, up tile j, ...), so one GEMM's epilogue computes act(gate) * up."""
+    (wg, sg, bg), (wu, su, bu) = _layer_parts(gate), _layer_parts(up)
+
+    def interleave(a: Tensor, b: Tensor) -> Tensor:          # [Hp, ...] x 2 -> [2 Hp, ...]
+        return torch.stack((a.view(-1, 16, *a.shape[1:]), b.view(-1, 16, *b.shape[1:])), 1).flatten(0, 2)
+
+    bias = None
+    if bg is not None or bu is not None:
+        bias = interleave(bg if bg is not None else torch.zeros_like(sg), bu if bu is not None else torch.zeros_like(su))
+    return _pack(interleave(wg, wu), interleave(sg, su), bias, gate.weight_spec.bits, gate.out_features,
+                 gate.in_features, True)
+
+
+def _packed(module) -> PackedWeight:
+    p = module.kernel_cache.get("cpu")
+    if p is None:
+        p = module.kernel_cache["cpu"] = pack(module)
+    return p
+
+
+def _packed_gated(gate, up) -> PackedWeight:
+    # Cached on the gate layer, valid while the up layer's cache still holds the same token
+    # (each layer's cache is cleared when its own weights change).
+    cached = gate.kernel_cache.get("cpu_gated")
+    if cached is not None and up.kernel_cache.get("cpu_gated_token") is cached[0]:
+        return cached[1]
+    token = object()
+    p = pack_gated(gate, up)
+    gate.kernel_cache["cpu_gated"] = (token, p)
+    up.kernel_cache["cpu_gated_token"] = token
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend
+# ---------------------------------------------------------------------------------------------
+
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def supports(module, x: Tensor) -> bool:
+    """INT8 activations (dynamic or static), row / row_group weight scales, float32 / bfloat16 on CPU."""
+    ok = module.kernel_cache.get("cpu_ok")          # the layer's part of the answer never changes
+    if ok is None:
+        ok = module.kernel_cache["cpu_ok"] = (module.act_spec.enabled and module.in_features <= MAX_K
+                                              and module.weight_spec.granularity != "input_group")
+    return ok and x.is_cpu and x.dtype in _DTYPES
+
+
+def _run(module, p: PackedWeight, x: Tensor, act: int, out: ActQuant | None) -> Tensor:
+    """One call of the C++ op: quantize x (unless its producer did), GEMM, epilogue [, quantize y]."""
+    spec = module.act_spec
+    x2 = x.detach() if x.requires_grad else x      # like the reference: the integer path has no gradient
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    qa = None
+    if spec.mode == "static":
+        amode, static_scale = 2, float(module.act_scale)
+    else:
+        amode, static_scale = (0 if spec.symmetric else 1), 0.0
+        qa = attached(x, spec)
+    if qa is None:
+        stats["quantized"] += 1
+        outs = _ops().linear(x2, None, None, None, amode, static_scale, p.wpack, p.wsum, p.wscale, p.wbias,
+                             p.bits, p.n, act, p.gated, _out_mode(out))
+    else:
+        stats["reused"] += 1
+        outs = _ops().linear(x2, qa.u, qa.scale, qa.offset, amode, static_scale, p.wpack, p.wsum, p.wscale,
+                             p.wbias, p.bits, p.n, act, p.gated, _out_mode(out))
+    return _attach(outs[0], outs, out)
+
+
+def linear(module, x: Tensor) -> Tensor:
+    """``y [..., N] = x [..., K] W^T + b`` for a `QuantLinear`, in x's dtype."""
+    return _run(module, _packed(module), x, 0, None)
+
+
+def linear_act(module, x: Tensor, act: str, out: ActQuant | None = None) -> Tensor:
+    """``act(linear(x))`` with the activation in the GEMM epilogue, quantized for the next layer
+    when ``out`` (that layer's activation spec) asks for dynamic quantization."""
+    return _run(module, _packed(module), x, ACT_CODES[act], out)
+
+
+def gated(gate, up, x: Tensor, act: str, out: ActQuant | None = None) -> Tensor:
+    """``act(gate(x)) * up(x)`` in one GEMM over interleaved weights (gate and up share x's quantization)."""
+    return _run(gate, _packed_gated(gate, up), x, ACT_CODES[act], out)
+
+
+def norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, kind: str,
+         out: ActQuant | None) -> Tensor:
+    """RMSNorm (``kind="rms"``, Llama's) or LayerNorm over the last dim, quantized for the consumers."""
+    x2 = x.detach() if x.requires_grad else x
+    outs = _ops().norm_quant(x2.contiguous(), weight, bias, float(eps), NORM_CODES[kind], _out_mode(out))
+    return _attach(outs[0], outs, out)
+
+
+def quantize(x: Tensor, act: ActQuant, static_scale: float = 0.0) -> QuantizedActivation:
+    """Token-wise (or static) quantization of ``x`` [M, K] in the kernel's format (tests, benchmarks)."""
+    mode = 2 if act.mode == "static" else (0 if act.symmetric else 1)
+    u, s, o = _ops().quantize(x.contiguous(), mode, float(static_scale))
+    return QuantizedActivation(u, s, o, act.symmetric, None)
+
+
+register(Backend("cpu", priority=10, available=build.load, supports=supports, linear=linear,
+                 fused={"linear_act": linear_act, "gated": gated, "norm": norm}))

@@ -1,0 +1,716 @@
+// zquant CPU fast path: INT8 x INT8 -> INT32 GEMM with AVX-512 VNNI, with token-wise
+// quantization fused into the producer of the activation and dequantization fused into the
+// GEMM's output. Built just in time by zquant/kernels/build.py; the Python side is
+// zquant/kernels/cpu.py, and every op here has a plain-PyTorch twin in kernels/reference.py.
+//
+// Conventions (the same as zquant.primitives, so results equal the reference):
+//   * an activation row is quantized to int8 q, and stored as u = q + 128 (uint8) because VNNI's
+//     vpdpbusd multiplies unsigned by signed bytes. The row's "offset" o = 128 + zero_point
+//     (128 when symmetric) undoes that exactly in int32:  sum_k (q - z) w = sum_k u w - o * rowsum(w).
+//   * rounding is round-half-even on the correctly rounded float quotient x / scale, exactly as
+//     torch.round(x / scale); there is no multiply-by-reciprocal shortcut, so quantized values are
+//     identical to the reference's, not just within 1 LSB.
+//   * the epilogue applies the float ops in the reference's order (acc * wscale, * xscale, + bias),
+//     compiled with -ffp-contract=off, so a plain linear is bit-identical to the reference.
+//
+// Packed weight layout (built in Python, zquant/kernels/cpu.py:pack): output rows are padded to a
+// multiple of 16 and grouped in "tiles" of 16 rows; K is padded to a multiple of 4. A tile is
+// [K/4][16 rows][4 k] int8, i.e. one 64-byte vector per 4 k values, the operand of one vpdpbusd.
+// INT4 tiles keep two values per byte: for each 64-value vector, byte b holds value b in its low
+// nibble and value b+32 in its high nibble (two's complement nibbles), 32 bytes per vector.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace zq {
+
+using at::Tensor;
+
+// ------------------------------------------------------------------------------------------
+// Small SIMD helpers
+// ------------------------------------------------------------------------------------------
+
+constexpr int kTile = 16;       // output rows (packed columns) per tile = int32 lanes per zmm
+constexpr int kMR = 6;          // activation rows per micro-kernel
+constexpr int kMaxNV = 4;       // tiles per micro-kernel (6 x 4 = 24 accumulators)
+
+enum Act : int64_t { kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4 };
+enum QMode : int64_t { kNoQuant = -1, kSym = 0, kAsym = 1, kStatic = 2 };
+
+static inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
+}
+
+// 16 floats from f32 or bf16 memory (masked tail: missing lanes read as 0).
+static inline __m512 load16(const void* p, bool bf16, __mmask16 m) {
+  if (bf16) {
+    __m256i h = _mm256_maskz_loadu_epi16(m, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  return _mm512_maskz_loadu_ps(m, p);
+}
+
+// float -> bf16 with round-to-nearest-even, NaN kept quiet (what c10::BFloat16 does).
+static inline __m256i to_bf16(__m512 v) {
+  __m512i u = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// v rounded to bf16 precision and widened back (an intermediate `.to(bfloat16)` in the reference).
+static inline __m512 round_bf16(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16));
+}
+
+static inline void store16(void* p, __m512 v, bool bf16, __mmask16 m) {
+  if (bf16) _mm256_mask_storeu_epi16(p, m, to_bf16(v));
+  else _mm512_mask_storeu_ps(p, m, v);
+}
+
+// exp(x), Cephes' single-precision polynomial (max relative error ~2 ulp).
+static inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3365447f)), _mm512_set1_ps(88.7228391f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+  p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// erf(x): the Abramowitz-Stegun 7.1.26 form PyTorch's own vectorized erf uses (abs error < 1.5e-7).
+static inline __m512 erf16(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  __m512 ax = _mm512_abs_ps(x);
+  __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), ax, one));
+  __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
+  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(1.421413741f));
+  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-0.284496736f));
+  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(0.254829592f));
+  __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(x, x)));
+  __m512 y = _mm512_fnmadd_ps(_mm512_mul_ps(e, t), r, one);          // 1 - r t exp(-x^2)
+  __m512 sign = _mm512_and_ps(x, _mm512_castsi512_ps(_mm512_set1_epi32((int)0x80000000u)));
+  return _mm512_or_ps(y, sign);
+}
+
+static inline __m512 act16(__m512 x, int64_t act) {
+  switch (act) {
+    case kRelu:
+      return _mm512_max_ps(x, _mm512_setzero_ps());
+    case kGelu:   // 0.5 x (1 + erf(x / sqrt 2))
+      return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)),
+                           _mm512_add_ps(_mm512_set1_ps(1.0f), erf16(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)))));
+    case kGeluTanh: {  // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+      __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+      __m512 y = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f), _mm512_add_ps(x, _mm512_mul_ps(_mm512_set1_ps(0.044715f), x3)));
+      __m512 ay = _mm512_abs_ps(y);
+      // tanh|y| = 1 - 2 / (exp(2|y|) + 1), with the sign of y put back
+      __m512 th = _mm512_sub_ps(_mm512_set1_ps(1.0f), _mm512_div_ps(_mm512_set1_ps(2.0f),
+                                _mm512_add_ps(exp16(_mm512_add_ps(ay, ay)), _mm512_set1_ps(1.0f))));
+      th = _mm512_or_ps(th, _mm512_and_ps(y, _mm512_castsi512_ps(_mm512_set1_epi32((int)0x80000000u))));
+      return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(_mm512_set1_ps(1.0f), th));
+    }
+    case kSilu:   // x / (1 + exp(-x)), as torch computes it
+      return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+    default:
+      return x;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Token-wise quantization of one row (the same arithmetic as primitives.quantize_per_token)
+// ------------------------------------------------------------------------------------------
+
+// Quantizes row x[0:K] (f32 or bf16) into u[0:Kp] (u = q + 128; padding = 128, i.e. q = 0).
+// MODE kSym / kAsym / kStatic (static_scale used). Writes the row's scale and offset.
+// Templated so that the hot loops carry no per-vector branches.
+template <bool BF16, int MODE>
+static void quantize_row_t(const void* x, int64_t K, int64_t Kp, float static_scale, uint8_t* __restrict u,
+                           float* scale_out, int32_t* off_out) {
+  constexpr int64_t es = BF16 ? 2 : 4;
+  const char* __restrict xb = static_cast<const char*>(x);
+  float scale, zero = 0.f;
+  if constexpr (MODE == kStatic) {
+    scale = static_scale;
+  } else if constexpr (MODE == kSym) {
+    __m512 mx = _mm512_setzero_ps();
+    for (int64_t i = 0; i < K; i += 16)
+      mx = _mm512_max_ps(mx, _mm512_abs_ps(load16(xb + i * es, BF16, tail_mask(K - i))));
+    const float absmax = _mm512_reduce_max_ps(mx);
+    scale = absmax > 0.f ? absmax / 127.0f : 1.0f;
+  } else {
+    __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();   // starting at 0 = clamping the range to include 0
+    for (int64_t i = 0; i < K; i += 16) {
+      const __m512 v = load16(xb + i * es, BF16, tail_mask(K - i));   // masked-out lanes read 0: harmless
+      lo = _mm512_min_ps(lo, v);
+      hi = _mm512_max_ps(hi, v);
+    }
+    const float l = _mm512_reduce_min_ps(lo), h = _mm512_reduce_max_ps(hi);
+    const float span = h - l;
+    scale = span > 0.f ? span / 255.0f : 1.0f;
+    zero = std::min(127.f, std::max(-128.f, -128.f - std::nearbyint(l / scale)));
+  }
+  const __m512 vs = _mm512_set1_ps(scale), vinv = _mm512_set1_ps(1.0f / scale), vz = _mm512_set1_ps(zero);
+  const __m512 vlo = _mm512_set1_ps(MODE == kAsym ? -128.f : -127.f), vhi = _mm512_set1_ps(127.f);
+  const __m512 half = _mm512_set1_ps(0.5f), rel = _mm512_set1_ps(0x1p-20f);
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  const __m512i v128 = _mm512_set1_epi32(128);
+  constexpr int kRne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  for (int64_t i = 0; i < K; i += 16) {
+    const __mmask16 m = tail_mask(K - i);
+    const __m512 xv = load16(xb + i * es, BF16, m);
+    // round(x / s) must equal the reference's correctly rounded division. t = x * (1/s) is within
+    // 3 * 2^-24 |t| of it, which can only change the rounding when t lies within that distance of
+    // a half-integer; such lanes (about 1 in 10^4) are recomputed with a true division. (Huge
+    // |t| > 2^19 always takes the division: the test's margin goes negative.)
+    const __m512 t = _mm512_mul_ps(xv, vinv);
+    __m512 q = _mm512_roundscale_ps(t, kRne);
+    const __m512 dist = _mm512_and_ps(_mm512_sub_ps(t, q), absmask);                      // |t - q| <= 0.5
+    const __m512 limit = _mm512_fnmadd_ps(_mm512_and_ps(t, absmask), rel, half);           // 0.5 - |t| 2^-20
+    if (__builtin_expect(_mm512_mask_cmp_ps_mask(m, dist, limit, _CMP_GE_OQ) != 0, 0))
+      q = _mm512_roundscale_ps(_mm512_div_ps(xv, vs), kRne);
+    if constexpr (MODE == kAsym) q = _mm512_add_ps(q, vz);
+    // |x| <= absmax makes |t| <= 127 (1 + 2^-22) in the symmetric mode: no clamp needed there.
+    if constexpr (MODE != kSym) q = _mm512_min_ps(_mm512_max_ps(q, vlo), vhi);
+    // vpmovdb to a register, then a plain store: its memory form is microcoded and slow on AMD
+    const __m128i b = _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(q), v128));
+    if (m == 0xFFFF) _mm_storeu_si128(reinterpret_cast<__m128i*>(u + i), b);
+    else _mm_mask_storeu_epi8(u + i, m, b);
+  }
+  for (int64_t i = K; i < Kp; ++i) u[i] = 128;
+  *scale_out = scale;
+  *off_out = 128 + (int32_t)zero;
+}
+
+static void quantize_row(const void* x, bool bf16, int64_t K, int64_t Kp, int64_t mode, float static_scale,
+                         uint8_t* u, float* scale_out, int32_t* off_out) {
+#define ZQ_Q(B, MD) quantize_row_t<B, MD>(x, K, Kp, static_scale, u, scale_out, off_out)
+  if (bf16) {
+    if (mode == kSym) ZQ_Q(true, kSym); else if (mode == kAsym) ZQ_Q(true, kAsym); else ZQ_Q(true, kStatic);
+  } else {
+    if (mode == kSym) ZQ_Q(false, kSym); else if (mode == kAsym) ZQ_Q(false, kAsym); else ZQ_Q(false, kStatic);
+  }
+#undef ZQ_Q
+}
+
+static inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// Rows handled per parallel task so that a task is worth a few microseconds.
+static inline int64_t row_grain(int64_t K) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(K, 1)); }
+
+// Activations are contiguous [..., K]: M = numel / K rows.
+static void check_x(const Tensor& x) {
+  TORCH_CHECK(x.dim() >= 1 && x.is_contiguous(), "zquant_cpu: expected a contiguous activation [..., K]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "zquant_cpu: activations must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(!x.is_cuda(), "zquant_cpu: CPU tensors only");
+}
+
+static inline int64_t rows_of(const Tensor& x) {
+  const int64_t K = x.size(-1);
+  return K == 0 ? 0 : x.numel() / K;
+}
+
+// x.shape[:-1] + [n]
+static std::vector<int64_t> with_last(const Tensor& x, int64_t n) {
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+  sizes.back() = n;
+  return sizes;
+}
+
+static void quantize_rows(const Tensor& x, int64_t mode, double static_scale, uint8_t* u, int64_t Kp,
+                          float* scale, int32_t* off) {
+  const int64_t M = rows_of(x), K = x.size(-1);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const char* xb = static_cast<const char*>(x.data_ptr());
+  const int64_t row_bytes = K * (bf16 ? 2 : 4);
+  const float ss = (float)static_scale;
+  at::parallel_for(0, M, row_grain(K), [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m)
+      quantize_row(xb + m * row_bytes, bf16, K, Kp, mode, ss, u + m * Kp, scale + m, off + m);
+  });
+}
+
+// quantize(x [..., K], mode, static_scale) -> (u uint8 [M, Kp], scale f32 [M], offset i32 [M])
+std::vector<Tensor> quantize(const Tensor& x, int64_t mode, double static_scale) {
+  check_x(x);
+  TORCH_CHECK(mode == kSym || mode == kAsym || mode == kStatic, "zquant_cpu.quantize: bad mode ", mode);
+  const int64_t M = rows_of(x), Kp = round_up(x.size(-1), 4);
+  Tensor u = at::empty({M, Kp}, x.options().dtype(at::kByte));
+  Tensor s = at::empty({M}, x.options().dtype(at::kFloat));
+  Tensor o = at::empty({M}, x.options().dtype(at::kInt));
+  quantize_rows(x, mode, static_scale, u.data_ptr<uint8_t>(), Kp, s.data_ptr<float>(), o.data_ptr<int32_t>());
+  return {u, s, o};
+}
+
+// ------------------------------------------------------------------------------------------
+// Fused normalization + quantization
+// ------------------------------------------------------------------------------------------
+
+// norm_quant(x [..., K], weight [K]?, bias [K]?, eps, kind (0 = RMSNorm, 1 = LayerNorm), mode)
+//   -> (y [..., K] in x's dtype, u uint8 [M, Kp], scale [M], offset [M]); mode -1 = y only.
+// y is written once; the quantization then re-reads the row just written (still in L1), so the
+// quantized values are exactly those a consumer would compute from y.
+std::vector<Tensor> norm_quant(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                               double eps, int64_t kind, int64_t mode) {
+  check_x(x);
+  const int64_t M = rows_of(x), K = x.size(-1), Kp = round_up(K, 4);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  Tensor w, b;
+  if (weight.has_value() && weight->defined()) {
+    w = weight->contiguous().to(at::kFloat);
+    TORCH_CHECK(w.numel() == K, "zquant_cpu.norm_quant: weight size");
+  }
+  if (bias.has_value() && bias->defined()) {
+    b = bias->contiguous().to(at::kFloat);
+    TORCH_CHECK(b.numel() == K, "zquant_cpu.norm_quant: bias size");
+  }
+  Tensor y = at::empty_like(x);
+  const bool quant = mode != kNoQuant;
+  Tensor u = at::empty({quant ? M : 0, Kp}, x.options().dtype(at::kByte));
+  Tensor s = at::empty({quant ? M : 0}, x.options().dtype(at::kFloat));
+  Tensor o = at::empty({quant ? M : 0}, x.options().dtype(at::kInt));
+  const char* xb = static_cast<const char*>(x.data_ptr());
+  char* yb = static_cast<char*>(y.data_ptr());
+  const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  uint8_t* up = quant ? u.data_ptr<uint8_t>() : nullptr;
+  float* sp = quant ? s.data_ptr<float>() : nullptr;
+  int32_t* op = quant ? o.data_ptr<int32_t>() : nullptr;
+  const int64_t es = bf16 ? 2 : 4;
+  const float feps = (float)eps;
+  at::parallel_for(0, M, row_grain(K), [&](int64_t rb, int64_t re) {
+    for (int64_t m = rb; m < re; ++m) {
+      const char* __restrict xr = xb + m * K * es;
+      char* __restrict yr = yb + m * K * es;
+      if (kind == 0) {
+        // LlamaRMSNorm: y = w * (x * rsqrt(mean(x^2) + eps))
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = 0; i < K; i += 16) {
+          __m512 v = load16(xr + i * es, bf16, tail_mask(K - i));
+          acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        const float var = _mm512_reduce_add_ps(acc) / (float)K;
+        const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(var + feps));
+        for (int64_t i = 0; i < K; i += 16) {
+          const __mmask16 mk = tail_mask(K - i);
+          __m512 v = _mm512_mul_ps(load16(xr + i * es, bf16, mk), rstd);
+          if (bf16) v = round_bf16(v);
+          if (wp) v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, wp + i), v);
+          store16(yr + i * es, v, bf16, mk);
+        }
+      } else {
+        // LayerNorm: y = (x - mean) * rsqrt(var + eps) * w + b (two passes for the moments)
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = 0; i < K; i += 16) acc = _mm512_add_ps(acc, load16(xr + i * es, bf16, tail_mask(K - i)));
+        const float mean = _mm512_reduce_add_ps(acc) / (float)K;
+        const __m512 vm = _mm512_set1_ps(mean);
+        __m512 acc2 = _mm512_setzero_ps();
+        for (int64_t i = 0; i < K; i += 16) {
+          const __mmask16 mk = tail_mask(K - i);
+          __m512 d = _mm512_maskz_sub_ps(mk, load16(xr + i * es, bf16, mk), vm);
+          acc2 = _mm512_fmadd_ps(d, d, acc2);
+        }
+        const float var = _mm512_reduce_add_ps(acc2) / (float)K;
+        const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(var + feps));
+        for (int64_t i = 0; i < K; i += 16) {
+          const __mmask16 mk = tail_mask(K - i);
+          __m512 v = _mm512_mul_ps(_mm512_sub_ps(load16(xr + i * es, bf16, mk), vm), rstd);
+          if (wp) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mk, wp + i));
+          if (bp) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bp + i));
+          store16(yr + i * es, v, bf16, mk);
+        }
+      }
+      if (quant) quantize_row(yr, bf16, K, Kp, mode, 0.f, up + m * Kp, sp + m, op + m);
+    }
+  });
+  return {y, u, s, o};
+}
+
+
+// ------------------------------------------------------------------------------------------
+// INT8 GEMM micro-kernels (AVX-512 VNNI)
+// ------------------------------------------------------------------------------------------
+
+// vpdpbusd through inline asm: GCC 12's intrinsic keeps the accumulators in memory
+// (a load and a store around every instruction), which costs more than half the speed.
+#define ZQ_DP(c, a, b) asm("vpdpbusd %2, %1, %0" : "+v"(c) : "v"(a), "v"(b))
+
+static inline __m512i bcast4(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// acc[r][0:16*NV] = sum_k A[r, k] * tile_v[k] for r < MR, over K4 groups of 4 k.
+// A is u8 with row stride lda; tile v starts at B + v * tile_bytes, 64 bytes per k group.
+// PH independent accumulator sets walk interleaved k groups so that small MR still keeps
+// >= 16 vpdpbusd chains in flight (their latency would otherwise bound M = 1, 2).
+// MR * PH <= 6 "virtual rows" of NV <= 4 accumulators: at most 24 of the 32 zmm registers.
+template <int MR, int NV, int PH>
+static void micro(const uint8_t* __restrict A, int64_t lda, const int8_t* __restrict B, int64_t tile_bytes,
+                  int64_t K4, int32_t* __restrict acc) {
+  static_assert(MR * PH <= 6 && NV >= 1 && NV <= 4, "register budget");
+  const __m512i z = _mm512_setzero_si512();
+  __m512i c00 = z, c01 = z, c02 = z, c03 = z, c10 = z, c11 = z, c12 = z, c13 = z, c20 = z, c21 = z, c22 = z, c23 = z;
+  __m512i c30 = z, c31 = z, c32 = z, c33 = z, c40 = z, c41 = z, c42 = z, c43 = z, c50 = z, c51 = z, c52 = z, c53 = z;
+  const int8_t* const b0 = B;
+  const int8_t* const b1 = B + (NV > 1 ? tile_bytes : 0);
+  const int8_t* const b2 = B + (NV > 2 ? 2 * tile_bytes : 0);
+  const int8_t* const b3 = B + (NV > 3 ? 3 * tile_bytes : 0);
+  const uint8_t* arow[6];
+  for (int r = 0; r < 6; ++r) arow[r] = A + (r < MR ? r : 0) * lda;
+  __m512i w0 = z, w1 = z, w2 = z, w3 = z;
+// virtual row j: activation row j % MR, k group k + j / MR; the weights are loaded by its first row.
+#define ZQ_VROW(j, kk)                                                                   \
+  if constexpr (MR * PH > j) {                                                           \
+    constexpr int r_ = j % MR, p_ = j / MR;                                              \
+    const int64_t kq = (kk) + p_;                                                        \
+    if constexpr (r_ == 0) {                                                             \
+      w0 = _mm512_loadu_si512(b0 + 64 * kq);                                             \
+      if constexpr (NV > 1) w1 = _mm512_loadu_si512(b1 + 64 * kq);                       \
+      if constexpr (NV > 2) w2 = _mm512_loadu_si512(b2 + 64 * kq);                       \
+      if constexpr (NV > 3) w3 = _mm512_loadu_si512(b3 + 64 * kq);                       \
+    }                                                                                    \
+    const __m512i a_ = bcast4(arow[r_] + 4 * kq);                                        \
+    ZQ_DP(c##j##0, a_, w0);                                                              \
+    if constexpr (NV > 1) ZQ_DP(c##j##1, a_, w1);                                        \
+    if constexpr (NV > 2) ZQ_DP(c##j##2, a_, w2);                                        \
+    if constexpr (NV > 3) ZQ_DP(c##j##3, a_, w3);                                        \
+  }
+  int64_t k = 0;
+  for (; k + PH <= K4; k += PH) {
+    ZQ_VROW(0, k) ZQ_VROW(1, k) ZQ_VROW(2, k) ZQ_VROW(3, k) ZQ_VROW(4, k) ZQ_VROW(5, k)
+  }
+  if constexpr (PH > 1) {
+    for (; k < K4; ++k) {   // leftover k groups: phase 0 (virtual rows 0..MR-1) only
+#define ZQ_TAIL(j) if constexpr (MR > j) { ZQ_VROW(j, k) }
+      ZQ_TAIL(0) ZQ_TAIL(1) ZQ_TAIL(2) ZQ_TAIL(3) ZQ_TAIL(4) ZQ_TAIL(5)
+#undef ZQ_TAIL
+    }
+  }
+#undef ZQ_VROW
+  __m512i* out = reinterpret_cast<__m512i*>(acc);   // acc is [6][4] zmm, 64-byte aligned
+#define ZQ_STORE(j)                                                                        \
+  if constexpr (MR * PH > j) {                                                             \
+    constexpr int r_ = j % MR, p_ = j / MR;                                                \
+    if constexpr (p_ == 0) {                                                               \
+      out[r_ * 4 + 0] = c##j##0;                                                           \
+      if constexpr (NV > 1) out[r_ * 4 + 1] = c##j##1;                                     \
+      if constexpr (NV > 2) out[r_ * 4 + 2] = c##j##2;                                     \
+      if constexpr (NV > 3) out[r_ * 4 + 3] = c##j##3;                                     \
+    } else {                                                                               \
+      out[r_ * 4 + 0] = _mm512_add_epi32(out[r_ * 4 + 0], c##j##0);                        \
+      if constexpr (NV > 1) out[r_ * 4 + 1] = _mm512_add_epi32(out[r_ * 4 + 1], c##j##1);  \
+      if constexpr (NV > 2) out[r_ * 4 + 2] = _mm512_add_epi32(out[r_ * 4 + 2], c##j##2);  \
+      if constexpr (NV > 3) out[r_ * 4 + 3] = _mm512_add_epi32(out[r_ * 4 + 3], c##j##3);  \
+    }                                                                                      \
+  }
+  ZQ_STORE(0) ZQ_STORE(1) ZQ_STORE(2) ZQ_STORE(3) ZQ_STORE(4) ZQ_STORE(5)
+#undef ZQ_STORE
+}
+
+using MicroFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, int32_t*);
+
+template <int MR, int NV>
+static constexpr MicroFn pick() {
+  // rows x phases <= 6; small MR gets more phases (see micro)
+  constexpr int PH = MR == 1 ? 4 : (MR == 2 ? 2 : (MR == 3 ? 2 : 1));
+  return &micro<MR, NV, PH>;
+}
+
+static const MicroFn kMicro[kMR][kMaxNV] = {
+    {pick<1, 1>(), pick<1, 2>(), pick<1, 3>(), pick<1, 4>()},
+    {pick<2, 1>(), pick<2, 2>(), pick<2, 3>(), pick<2, 4>()},
+    {pick<3, 1>(), pick<3, 2>(), pick<3, 3>(), pick<3, 4>()},
+    {pick<4, 1>(), pick<4, 2>(), pick<4, 3>(), pick<4, 4>()},
+    {pick<5, 1>(), pick<5, 2>(), pick<5, 3>(), pick<5, 4>()},
+    {pick<6, 1>(), pick<6, 2>(), pick<6, 3>(), pick<6, 4>()},
+};
+
+// INT4 tiles -> INT8 tiles (the layout described at the top), for `ntiles` consecutive tiles.
+static void unpack_int4(const uint8_t* __restrict src, int64_t nvec, int8_t* __restrict dst) {
+  const __m256i lo4 = _mm256_set1_epi8(0x0F);
+  const __m512i eight = _mm512_set1_epi8(8);
+  for (int64_t i = 0; i < nvec; ++i) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * i));
+    const __m256i lo = _mm256_and_si256(v, lo4);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4);
+    __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    w = _mm512_sub_epi8(_mm512_xor_si512(w, eight), eight);   // sign-extend: (n ^ 8) - 8
+    _mm512_storeu_si512(dst + 64 * i, w);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// GEMM driver and the dequantizing epilogue
+// ------------------------------------------------------------------------------------------
+
+struct Gemm {
+  const uint8_t* A;  int64_t lda;  const float* ascale;  const int32_t* aoff;  int64_t M;
+  const uint8_t* W;  int64_t bits;  int64_t K4;  int64_t ntiles;
+  const int32_t* wsum;  const float* wscale;  const float* wbias;
+  int64_t act;  bool gated;
+  char* out;  bool out_bf16;  int64_t N;    // out is [M, N], row stride N
+};
+
+// int32 accumulators of one vector -> float, in the reference's order:
+// (acc - offset * rowsum(w)) * weight scale * token scale + bias.
+static inline __m512 dequant(const Gemm& g, const int32_t* acc, int64_t col, __m512i off, __m512 sx) {
+  __m512i ai = _mm512_load_si512(acc);
+  ai = _mm512_sub_epi32(ai, _mm512_mullo_epi32(off, _mm512_loadu_si512(g.wsum + col)));
+  __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(ai), _mm512_loadu_ps(g.wscale + col));
+  f = _mm512_mul_ps(f, sx);
+  if (g.wbias) f = _mm512_add_ps(f, _mm512_loadu_ps(g.wbias + col));
+  return f;
+}
+
+static void epilogue(const Gemm& g, int64_t m0, int mr, int64_t tile0, int nv, const int32_t* acc) {
+  const bool bf = g.out_bf16;
+  const int64_t es = bf ? 2 : 4;
+  for (int r = 0; r < mr; ++r) {
+    const int64_t m = m0 + r;
+    const __m512 sx = _mm512_set1_ps(g.ascale[m]);
+    const __m512i off = _mm512_set1_epi32(g.aoff[m]);
+    char* orow = g.out + m * g.N * es;
+    const int32_t* ar = acc + r * 64;
+    if (!g.gated) {
+      for (int v = 0; v < nv; ++v) {
+        const int64_t col = (tile0 + v) * kTile;
+        if (col >= g.N) break;
+        __m512 f = dequant(g, ar + v * 16, col, off, sx);
+        if (g.act != kNone) {
+          if (bf) f = round_bf16(f);   // the reference rounds the linear's output before the activation
+          f = act16(f, g.act);
+        }
+        store16(orow + col * es, f, bf, tail_mask(g.N - col));
+      }
+    } else {
+      // tiles alternate gate, up: output = act(gate) * up for 16 columns per pair
+      for (int p = 0; p < nv / 2; ++p) {
+        const int64_t pc = (tile0 + 2 * p) * kTile, oc = (tile0 / 2 + p) * kTile;
+        if (oc >= g.N) break;
+        __m512 gv = dequant(g, ar + 32 * p, pc, off, sx);
+        __m512 uv = dequant(g, ar + 32 * p + 16, pc + 16, off, sx);
+        if (bf) { gv = round_bf16(gv); uv = round_bf16(uv); }
+        __m512 a = act16(gv, g.act);
+        if (bf) a = round_bf16(a);
+        store16(orow + oc * es, _mm512_mul_ps(a, uv), bf, tail_mask(g.N - oc));
+      }
+    }
+  }
+}
+
+// Per-thread int32 tile and INT4 unpack buffer.
+struct Scratch {
+  alignas(64) int32_t acc[kMR * 64];
+  std::vector<int8_t> w8;
+};
+static thread_local Scratch tls;
+
+// Rows per block: the activation block (MC x Kp bytes) and a weight strip stay in L2.
+static inline int64_t block_rows(int64_t Kp) {
+  return std::max<int64_t>(kMR, (262144 / std::max<int64_t>(Kp, 1)) / kMR * kMR);
+}
+
+// Output columns of `units` (tiles, or gate/up tile pairs) [u0, u1) for rows [m0, m1).
+static void gemm_part(const Gemm& g, int64_t u0, int64_t u1, int64_t m0, int64_t m1) {
+  const int64_t unit_tiles = g.gated ? 2 : 1, strip_units = kMaxNV / unit_tiles;
+  const int64_t MC = block_rows(g.K4 * 4);
+  Scratch& s = tls;
+  if (g.bits == 4 && (int64_t)s.w8.size() < kMaxNV * g.K4 * 64) s.w8.resize(kMaxNV * g.K4 * 64);
+  for (int64_t mc = m0; mc < m1; mc += MC) {
+    const int64_t me = std::min(mc + MC, m1);
+    for (int64_t u = u0; u < u1; u += strip_units) {
+      const int64_t tile0 = u * unit_tiles;
+      const int nv = (int)(std::min(strip_units, u1 - u) * unit_tiles);
+      const int8_t* B;
+      if (g.bits == 8) {
+        B = reinterpret_cast<const int8_t*>(g.W) + tile0 * g.K4 * 64;
+      } else {
+        unpack_int4(g.W + tile0 * g.K4 * 32, nv * g.K4, s.w8.data());
+        B = s.w8.data();
+      }
+      for (int64_t m = mc; m < me; m += kMR) {
+        const int mr = (int)std::min<int64_t>(kMR, me - m);
+        kMicro[mr - 1][nv - 1](g.A + m * g.lda, g.lda, B, g.K4 * 64, g.K4, s.acc);
+        epilogue(g, m, mr, tile0, nv, s.acc);
+      }
+    }
+  }
+}
+
+// Runs f(t, nt) on nt threads of one OpenMP team (inline when nt == 1). One team per op: the
+// quantization, the GEMM and the output quantization are separated by barriers, not by three
+// fork/joins. Inside another parallel region OpenMP does not nest, and the op runs on one thread.
+template <typename F>
+static void in_team(int64_t nt, const F& f) {
+  if (nt <= 1) {
+    f(0, 1);
+    return;
+  }
+#pragma omp parallel num_threads((int)nt)
+  f(omp_get_thread_num(), omp_get_num_threads());
+}
+
+// Threads for a GEMM of this size: a fork/join costs a few microseconds, a tiny layer less.
+static int64_t team_size(int64_t M, int64_t N, int64_t K) {
+  const int64_t T = std::max<int64_t>(1, at::get_num_threads());
+  return M * N * K < (int64_t(1) << 17) ? 1 : T;
+}
+
+// How a GEMM is shared by nt threads. By rows when there are enough of them and the weight is
+// small enough (<= 8 MB, L3-resident) for every thread to stream it: then each thread quantizes,
+// multiplies and re-quantizes its own row blocks while they are hot, with no barrier. Otherwise
+// by output columns (each thread streams only its part of the weight: what decode and big
+// weights need), with barriers between the quantization, the GEMM and the output quantization.
+static bool split_by_rows(const Gemm& g, int64_t nt) {
+  if (nt == 1) return true;
+  const int64_t units = g.gated ? g.ntiles / 2 : g.ntiles;
+  const int64_t weight_bytes = g.ntiles * kTile * g.K4 * (g.bits == 8 ? 4 : 2);
+  if (units < 2 * nt) return g.M >= 2 * kMR * nt;
+  return weight_bytes <= (8 << 20) && g.M >= 4 * kMR * nt;
+}
+
+// Rows [m0, m1) of thread t's even share of M rows.
+static inline std::pair<int64_t, int64_t> row_share(int64_t M, int64_t t, int64_t nt) {
+  return {M * t / nt, M * (t + 1) / nt};
+}
+
+// Buffers for an activation quantized inside `linear` (it never leaves the op), reused across calls.
+struct ActScratch {
+  std::vector<uint8_t> u;
+  std::vector<float> s;
+  std::vector<int32_t> o;
+};
+static thread_local ActScratch act_scratch;
+
+// linear(x [..., K], qa?, ascale?, aoff?, amode, static_scale, wpack, wsum [Np], wscale [Np], wbias [Np]?,
+//        bits, N, act, gated, out_mode) -> [y [..., N]] or [y, u, scale, offset] when out_mode >= 0.
+// With qa given, x only supplies M and the output dtype (its quantization was fused upstream);
+// otherwise x is quantized here with `amode`. out_mode quantizes y for the next layer.
+std::vector<Tensor> linear(const Tensor& x, const std::optional<Tensor>& qa, const std::optional<Tensor>& ascale,
+                           const std::optional<Tensor>& aoff, int64_t amode, double static_scale, const Tensor& wpack,
+                           const Tensor& wsum, const Tensor& wscale, const std::optional<Tensor>& wbias, int64_t bits,
+                           int64_t N, int64_t act, bool gated, int64_t out_mode) {
+  check_x(x);
+  const int64_t M = rows_of(x), K = x.size(-1), Kp = round_up(K, 4), K4 = Kp / 4;
+  TORCH_CHECK(bits == 8 || bits == 4, "zquant_cpu.linear: bits must be 4 or 8");
+  TORCH_CHECK(wpack.is_contiguous() && wsum.is_contiguous() && wscale.is_contiguous(), "zquant_cpu.linear: packed weight");
+  const int64_t ntiles = wsum.numel() / kTile;
+  TORCH_CHECK(wpack.numel() == ntiles * K4 * (bits == 8 ? 64 : 32) && wscale.numel() == ntiles * kTile,
+              "zquant_cpu.linear: packed weight does not match K=", K);
+  TORCH_CHECK(N <= (gated ? ntiles / 2 : ntiles) * kTile, "zquant_cpu.linear: N larger than the packed weight");
+  TORCH_CHECK(amode == kSym || amode == kAsym || amode == kStatic, "zquant_cpu.linear: bad activation mode");
+  const float* wb = nullptr;
+  if (wbias.has_value() && wbias->defined()) {
+    TORCH_CHECK(wbias->numel() == ntiles * kTile && wbias->is_contiguous(), "zquant_cpu.linear: bias");
+    wb = wbias->data_ptr<float>();
+  }
+  const bool given = qa.has_value() && qa->defined();
+  uint8_t* u;
+  float* s;
+  int32_t* o;
+  if (given) {
+    TORCH_CHECK(qa->dim() == 2 && qa->size(0) == M && qa->size(1) == Kp && qa->is_contiguous() &&
+                qa->scalar_type() == at::kByte, "zquant_cpu.linear: quantized activation does not match x");
+    TORCH_CHECK(ascale.has_value() && aoff.has_value() && ascale->numel() == M && aoff->numel() == M &&
+                ascale->scalar_type() == at::kFloat && aoff->scalar_type() == at::kInt, "zquant_cpu.linear: activation scales");
+    u = qa->data_ptr<uint8_t>();
+    s = ascale->data_ptr<float>();
+    o = aoff->data_ptr<int32_t>();
+  } else {
+    ActScratch& a = act_scratch;
+    if ((int64_t)a.u.size() < M * Kp) a.u.resize(M * Kp);
+    if ((int64_t)a.s.size() < M) { a.s.resize(M); a.o.resize(M); }
+    u = a.u.data(); s = a.s.data(); o = a.o.data();
+  }
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  Tensor y = at::empty(with_last(x, N), x.options());
+  Tensor qy, sy, oy;
+  if (out_mode != kNoQuant) {
+    TORCH_CHECK(out_mode == kSym || out_mode == kAsym, "zquant_cpu.linear: bad output quantization mode");
+    qy = at::empty({M, round_up(N, 4)}, x.options().dtype(at::kByte));
+    sy = at::empty({M}, x.options().dtype(at::kFloat));
+    oy = at::empty({M}, x.options().dtype(at::kInt));
+  }
+  Gemm g{u, Kp, s, o, M, static_cast<const uint8_t*>(wpack.data_ptr()), bits, K4, ntiles,
+         wsum.data_ptr<int32_t>(), wscale.data_ptr<float>(), wb, act, gated,
+         static_cast<char*>(y.data_ptr()), bf16, N};
+  const char* xb = static_cast<const char*>(x.data_ptr());
+  const int64_t es = bf16 ? 2 : 4, Np4 = round_up(N, 4);
+  const float ss = (float)static_scale;
+  uint8_t* qyp = out_mode != kNoQuant ? qy.data_ptr<uint8_t>() : nullptr;
+  float* syp = out_mode != kNoQuant ? sy.data_ptr<float>() : nullptr;
+  int32_t* oyp = out_mode != kNoQuant ? oy.data_ptr<int32_t>() : nullptr;
+  auto quantize_in = [&](int64_t r0, int64_t r1) {
+    for (int64_t m = r0; m < r1; ++m) quantize_row(xb + m * K * es, bf16, K, Kp, amode, ss, u + m * Kp, s + m, o + m);
+  };
+  auto quantize_out = [&](int64_t r0, int64_t r1) {
+    for (int64_t m = r0; m < r1; ++m)
+      quantize_row(g.out + m * N * es, bf16, N, Np4, out_mode, 0.f, qyp + m * Np4, syp + m, oyp + m);
+  };
+  const int64_t units = gated ? ntiles / 2 : ntiles;
+  if (M > 0) {
+    in_team(team_size(M, N, K), [&](int64_t t, int64_t nt) {
+      if (split_by_rows(g, nt)) {
+        const int64_t blocks = (M + kMR - 1) / kMR, MC = block_rows(Kp);
+        const int64_t m0 = blocks * t / nt * kMR, m1 = std::min(M, blocks * (t + 1) / nt * kMR);
+        for (int64_t mc = m0; mc < m1; mc += MC) {
+          const int64_t me = std::min(mc + MC, m1);
+          if (!given) quantize_in(mc, me);
+          gemm_part(g, 0, units, mc, me);
+          if (out_mode != kNoQuant) quantize_out(mc, me);
+        }
+      } else {
+        const auto [r0, r1] = row_share(M, t, nt);
+        if (!given) {
+          quantize_in(r0, r1);
+#pragma omp barrier
+        }
+        gemm_part(g, units * t / nt, units * (t + 1) / nt, 0, M);
+        if (out_mode != kNoQuant) {
+#pragma omp barrier
+          quantize_out(r0, r1);
+        }
+      }
+    });
+  }
+  if (out_mode == kNoQuant) return {y};
+  return {y, qy, sy, oy};
+}
+
+}  // namespace zq
+
+TORCH_LIBRARY(zquant_cpu, m) {
+  m.def("quantize(Tensor x, int mode, float static_scale) -> Tensor[]");
+  m.def("norm_quant(Tensor x, Tensor? weight, Tensor? bias, float eps, int kind, int mode) -> Tensor[]");
+  m.def("linear(Tensor x, Tensor? qa, Tensor? ascale, Tensor? aoff, int amode, float static_scale, Tensor wpack, "
+        "Tensor wsum, Tensor wscale, Tensor? wbias, int bits, int N, int act, bool gated, int out_mode) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(zquant_cpu, CPU, m) {
+  m.impl("quantize", &zq::quantize);
+  m.impl("norm_quant", &zq::norm_quant);
+  m.impl("linear", &zq::linear);
+}
