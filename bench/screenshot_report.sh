@@ -25,10 +25,16 @@ url="file://$(cd "$(dirname "$page")" && pwd)/$(basename "$page")"
 chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking \
   --disable-component-update --disable-sync --hide-scrollbars --user-data-dir="$profile" \
   --window-size="$size" --screenshot="$(cd "$(dirname "$out")" && pwd)/$(basename "$out")" "$url" 2>/dev/null
-python3 - "$out" <<'PY'
+# Check the result is a PNG of the window's size, then store it with a 256-colour palette (as
+# zquant's plots are), which keeps the committed screenshot at a third of the size.
+python3 - "$out" "$size" <<'PY'
 import struct, sys
-data = open(sys.argv[1], "rb").read()
-assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
-w, h = struct.unpack(">II", data[16:24])
-print(f"{sys.argv[1]}: {w} x {h} px, {len(data) / 1024:.0f} KiB")
+from PIL import Image
+path, size = sys.argv[1], tuple(int(v) for v in sys.argv[2].split(","))
+data = open(path, "rb").read()
+assert data[:8] == b"\x89PNG\r\n\x1a\n", "chromium wrote no PNG"
+assert struct.unpack(">II", data[16:24]) == size, "screenshot size differs from the window size"
+Image.open(path).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+with open(path, "rb") as f:
+    print(f"{path}: {size[0]} x {size[1]} px, {len(f.read()) / 1024:.0f} KiB")
 PY

@@ -194,7 +194,7 @@ h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { margin-top: 1.8em; border-bo
 .meta { color: #555; margin-top: 0; }
 table { border-collapse: collapse; margin: 0.6em 0; font-variant-numeric: tabular-nums; }
 th, td { border: 1px solid #ccc; padding: 4px 9px; text-align: right; }
-th { background: #f3f3f3; } td.t, th:first-child { text-align: left; }
+th { background: #f3f3f3; } td.t, th:first-child { text-align: left; } td:first-child { white-space: nowrap; }
 figure { margin: 1.2em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.9em; }
 nav ol { columns: 2; } code { background: #f3f3f3; padding: 0 3px; }

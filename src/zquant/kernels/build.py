@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -71,6 +72,16 @@ def build_dir() -> Path:
     return root / "kernels" / f"{NAME}-{h.hexdigest()[:16]}"
 
 
+def _find_ninja() -> None:
+    """Put the ``ninja`` PyPI package's binary on PATH if no ninja is (an unactivated venv)."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return            # cpp_extension then says that ninja is required, which becomes the reason
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def _build_and_load() -> str | None:
     reason = unsupported_reason()
     if reason:
@@ -85,14 +96,16 @@ def _build_and_load() -> str | None:
             library.unlink(missing_ok=True)   # e.g. left half-written by an interrupted build: rebuild it
     try:
         from torch.utils import cpp_extension
+        _find_ninja()
         out.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(name=NAME, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
                            extra_ldflags=LDFLAGS, build_directory=str(out), is_python_module=False, verbose=False)
         return None
     except Exception as e:  # noqa: BLE001 -- any build or load failure means: use the reference path
-        text = str(e).strip().splitlines()
-        first = next((line for line in text if "error" in line.lower()), text[0] if text else type(e).__name__)
-        return f"the C++ extension could not be built or loaded ({type(e).__name__}: {first[:300]})"
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # the compiler's own message ("file:line: error: ...", "c++: fatal error: ...") says most
+        key = next((line for line in lines if "error:" in line), lines[-1] if lines else "")
+        return f"the C++ extension could not be built or loaded ({type(e).__name__}: {key[:300]})"
 
 
 def load() -> str | None:

@@ -44,6 +44,8 @@ constexpr int kTile = 16;       // output rows (packed columns) per tile = int32
 constexpr int kMR = 6;          // activation rows per micro-kernel
 constexpr int kMaxNV = 4;       // tiles per micro-kernel (6 x 4 = 24 accumulators)
 
+// Activations after a linear layer. In a gated GEMM (act(gate) * up) only SiLU, computed in the
+// epilogue exactly as torch does; after a plain GEMM, torch's own in-place op runs on the output.
 enum Act : int64_t { kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4 };
 enum QMode : int64_t { kNoQuant = -1, kSym = 0, kAsym = 1, kStatic = 2 };
 
@@ -80,61 +82,133 @@ static inline void store16(void* p, __m512 v, bool bf16, __mmask16 m) {
   else _mm512_mask_storeu_ps(p, m, v);
 }
 
-// exp(x), Cephes' single-precision polynomial (max relative error ~2 ulp).
-static inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3365447f)), _mm512_set1_ps(88.7228391f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
-  p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+// ------------------------------------------------------------------------------------------
+// Bit-exact twins of the PyTorch computations the fused ops replace
+// ------------------------------------------------------------------------------------------
+//
+// INT8 rounding is discontinuous: a fused normalization or activation that differs from PyTorch's
+// by one float32 ulp flips some quantized values, and on models with massive activation outliers
+// (SmolLM2) that moves the perplexity in its third digit. So these helpers reproduce, operation
+// for operation, what torch 2.x computes on CPU (AVX-512 build, 16-lane vectors); the tests
+// compare them with torch bit for bit.
+
+// Sleef's exp, exported by libtorch_cpu: what Vectorized<float>::exp() calls.
+extern "C" __m512 Sleef_expf16_u10(__m512);
+
+static inline int64_t ceil_log2(int64_t x) {   // ATen's utils::CeilLog2
+  return x <= 2 ? 1 : 64 - __builtin_clzll((uint64_t)(x - 1));
 }
 
-// erf(x): the Abramowitz-Stegun 7.1.26 form PyTorch's own vectorized erf uses (abs error < 1.5e-7).
-static inline __m512 erf16(__m512 x) {
-  const __m512 one = _mm512_set1_ps(1.0f);
-  __m512 ax = _mm512_abs_ps(x);
-  __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), ax, one));
-  __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
-  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(1.421413741f));
-  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-0.284496736f));
-  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(0.254829592f));
-  __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(x, x)));
-  __m512 y = _mm512_fnmadd_ps(_mm512_mul_ps(e, t), r, one);          // 1 - r t exp(-x^2)
-  __m512 sign = _mm512_and_ps(x, _mm512_castsi512_ps(_mm512_set1_epi32((int)0x80000000u)));
-  return _mm512_or_ps(y, sign);
-}
-
-static inline __m512 act16(__m512 x, int64_t act) {
-  switch (act) {
-    case kRelu:
-      return _mm512_max_ps(x, _mm512_setzero_ps());
-    case kGelu:   // 0.5 x (1 + erf(x / sqrt 2))
-      return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)),
-                           _mm512_add_ps(_mm512_set1_ps(1.0f), erf16(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)))));
-    case kGeluTanh: {  // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-      __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
-      __m512 y = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f), _mm512_add_ps(x, _mm512_mul_ps(_mm512_set1_ps(0.044715f), x3)));
-      __m512 ay = _mm512_abs_ps(y);
-      // tanh|y| = 1 - 2 / (exp(2|y|) + 1), with the sign of y put back
-      __m512 th = _mm512_sub_ps(_mm512_set1_ps(1.0f), _mm512_div_ps(_mm512_set1_ps(2.0f),
-                                _mm512_add_ps(exp16(_mm512_add_ps(ay, ay)), _mm512_set1_ps(1.0f))));
-      th = _mm512_or_ps(th, _mm512_and_ps(y, _mm512_castsi512_ps(_mm512_set1_epi32((int)0x80000000u))));
-      return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(_mm512_set1_ps(1.0f), th));
+// ATen's multi_row_sum (SumKernel.cpp): NR interleaved running sums over `size` groups, added in
+// cascaded levels. V is float or __m512; load(i, k) returns element/vector i * NR + k.
+template <typename V, typename Load, typename Add>
+static inline void multi_row_sum(int64_t size, V (&out)[4], V zero, const Load& load, const Add& add) {
+  constexpr int64_t kLevels = 4;
+  const int64_t level_power = std::max<int64_t>(4, ceil_log2(size) / kLevels);
+  const int64_t level_step = int64_t(1) << level_power, level_mask = level_step - 1;
+  V acc[kLevels][4];
+  for (auto& level : acc)
+    for (auto& a : level) a = zero;
+  int64_t i = 0;
+  for (; i + level_step <= size;) {
+    for (int64_t j = 0; j < level_step; ++j, ++i)
+      for (int k = 0; k < 4; ++k) acc[0][k] = add(acc[0][k], load(i, k));
+    for (int64_t j = 1; j < kLevels; ++j) {
+      for (int k = 0; k < 4; ++k) {
+        acc[j][k] = add(acc[j][k], acc[j - 1][k]);
+        acc[j - 1][k] = zero;
+      }
+      if ((i & (level_mask << (j * level_power))) != 0) break;
     }
-    case kSilu:   // x / (1 + exp(-x)), as torch computes it
-      return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-    default:
-      return x;
   }
+  for (; i < size; ++i)
+    for (int k = 0; k < 4; ++k) acc[0][k] = add(acc[0][k], load(i, k));
+  for (int64_t j = 1; j < kLevels; ++j)
+    for (int k = 0; k < 4; ++k) acc[0][k] = add(acc[0][k], acc[j][k]);
+  for (int k = 0; k < 4; ++k) out[k] = acc[0][k];
+}
+
+// sum(x[k]^2 for k < K) in the order of torch's `x.pow(2).sum(-1)` on a contiguous float row
+// (cascade_sum -> vectorized_inner_sum, or scalar_inner_sum for rows shorter than one vector).
+template <bool BF16>
+static float aten_row_sum_sq(const char* xr, int64_t K) {
+  constexpr int64_t es = BF16 ? 2 : 4;
+  auto sq = [&](int64_t k) {
+    const float v = _mm512_cvtss_f32(load16(xr + k * es, BF16, 1));
+    return v * v;
+  };
+  auto fadd = [](float a, float b) { return a + b; };
+  if (K < 16) {
+    if (K == 1) return 0.f + sq(0);
+    float part[4];
+    const int64_t groups = K / 4;
+    multi_row_sum<float>(groups, part, 0.f, [&](int64_t i, int k) { return sq(4 * i + k); }, fadd);
+    for (int64_t k = groups * 4; k < K; ++k) part[0] += sq(k);
+    return ((part[0] + part[1]) + part[2]) + part[3];
+  }
+  const int64_t nvec = K / 16, groups = nvec / 4;
+  auto vsq = [&](int64_t v) {
+    const __m512 x = load16(xr + v * 16 * es, BF16, 0xFFFF);
+    return _mm512_mul_ps(x, x);
+  };
+  __m512 part[4];
+  multi_row_sum<__m512>(groups, part, _mm512_setzero_ps(), [&](int64_t i, int k) { return vsq(4 * i + k); },
+                        [](__m512 a, __m512 b) { return _mm512_add_ps(a, b); });
+  for (int64_t v = groups * 4; v < nvec; ++v) part[0] = _mm512_add_ps(part[0], vsq(v));
+  for (int k = 1; k < 4; ++k) part[0] = _mm512_add_ps(part[0], part[k]);
+  float total = 0.f;
+  for (int64_t k = nvec * 16; k < K; ++k) total += sq(k);
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, part[0]);
+  for (float lane : lanes) total += lane;
+  return total;
+}
+
+// Where torch's elementwise silu on a contiguous tensor of `numel` elements uses its scalar code
+// (std::exp) instead of the vectorized one (Sleef): cpu_kernel_vec splits [0, numel) like
+// at::parallel_for (grain 32768) and each chunk runs `step`-element vector iterations, then a
+// scalar tail. The two exps differ in ~0.4% of inputs, so the tails must be reproduced.
+struct ScalarTails {
+  int64_t begin[64];
+  int64_t end[64];
+  int n = 0;
+  ScalarTails(int64_t numel, int64_t threads, int64_t step) {
+    constexpr int64_t kGrain = 32768;
+    int64_t chunks = 1, chunk = numel;
+    if (numel >= kGrain && threads > 1 && numel > kGrain) {
+      chunks = std::min<int64_t>({threads, (numel + kGrain - 1) / kGrain, 64});
+      chunk = (numel + chunks - 1) / chunks;
+    }
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t b = c * chunk, e = std::min(numel, b + chunk);
+      if (b >= e) break;
+      const int64_t vec_end = b + (e - b) / step * step;
+      if (vec_end < e) { begin[n] = vec_end; end[n] = e; ++n; }
+    }
+  }
+  // lanes of the 16 elements starting at flat index i that fall in a scalar tail
+  __mmask16 lanes(int64_t i) const {
+    __mmask16 m = 0;
+    for (int t = 0; t < n; ++t)
+      if (begin[t] < i + 16 && end[t] > i)
+        for (int64_t j = std::max(begin[t], i); j < std::min(end[t], i + 16); ++j) m |= (__mmask16)(1u << (j - i));
+    return m;
+  }
+};
+
+// torch's silu: x / (1 + exp(-x)); `scalar` lanes use std::exp as its scalar tail code does.
+static inline __m512 silu16(__m512 x, __mmask16 scalar) {
+  const __m512 neg = _mm512_xor_ps(x, _mm512_set1_ps(-0.f));
+  __m512 e = Sleef_expf16_u10(neg);
+  if (__builtin_expect(scalar != 0, 0)) {
+    alignas(64) float ev[16], nv[16];
+    _mm512_store_ps(ev, e);
+    _mm512_store_ps(nv, neg);
+    for (int j = 0; j < 16; ++j)
+      if (scalar & (1u << j)) ev[j] = std::exp(nv[j]);
+    e = _mm512_load_ps(ev);
+  }
+  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
 }
 
 // ------------------------------------------------------------------------------------------
@@ -170,32 +244,26 @@ static void quantize_row_t(const void* x, int64_t K, int64_t Kp, float static_sc
     scale = span > 0.f ? span / 255.0f : 1.0f;
     zero = std::min(127.f, std::max(-128.f, -128.f - std::nearbyint(l / scale)));
   }
-  const __m512 vs = _mm512_set1_ps(scale), vinv = _mm512_set1_ps(1.0f / scale), vz = _mm512_set1_ps(zero);
+  const __m512 vs = _mm512_set1_ps(scale), vz = _mm512_set1_ps(zero);
   const __m512 vlo = _mm512_set1_ps(MODE == kAsym ? -128.f : -127.f), vhi = _mm512_set1_ps(127.f);
-  const __m512 half = _mm512_set1_ps(0.5f), rel = _mm512_set1_ps(0x1p-20f);
-  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
   const __m512i v128 = _mm512_set1_epi32(128);
-  constexpr int kRne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  for (int64_t i = 0; i < K; i += 16) {
-    const __mmask16 m = tail_mask(K - i);
-    const __m512 xv = load16(xb + i * es, BF16, m);
-    // round(x / s) must equal the reference's correctly rounded division. t = x * (1/s) is within
-    // 3 * 2^-24 |t| of it, which can only change the rounding when t lies within that distance of
-    // a half-integer; such lanes (about 1 in 10^4) are recomputed with a true division. (Huge
-    // |t| > 2^19 always takes the division: the test's margin goes negative.)
-    const __m512 t = _mm512_mul_ps(xv, vinv);
-    __m512 q = _mm512_roundscale_ps(t, kRne);
-    const __m512 dist = _mm512_and_ps(_mm512_sub_ps(t, q), absmask);                      // |t - q| <= 0.5
-    const __m512 limit = _mm512_fnmadd_ps(_mm512_and_ps(t, absmask), rel, half);           // 0.5 - |t| 2^-20
-    if (__builtin_expect(_mm512_mask_cmp_ps_mask(m, dist, limit, _CMP_GE_OQ) != 0, 0))
-      q = _mm512_roundscale_ps(_mm512_div_ps(xv, vs), kRne);
+  // One 16-value step. A true division, not a multiplication by 1/s: round(x / s) then equals
+  // torch.round(x / scale) exactly (a reciprocal can move a quotient across a .5 boundary), and
+  // measured on Zen 5 the division is even cheaper than detecting those rare lanes.
+  auto step = [&](__m512 xv) {
+    __m512 q = _mm512_roundscale_ps(_mm512_div_ps(xv, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     if constexpr (MODE == kAsym) q = _mm512_add_ps(q, vz);
-    // |x| <= absmax makes |t| <= 127 (1 + 2^-22) in the symmetric mode: no clamp needed there.
-    if constexpr (MODE != kSym) q = _mm512_min_ps(_mm512_max_ps(q, vlo), vhi);
+    // (symmetric: |x / s| <= 127 anyway, except when absmax / 127 underflows to 0, as in the reference)
+    q = _mm512_min_ps(_mm512_max_ps(q, vlo), vhi);
     // vpmovdb to a register, then a plain store: its memory form is microcoded and slow on AMD
-    const __m128i b = _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(q), v128));
-    if (m == 0xFFFF) _mm_storeu_si128(reinterpret_cast<__m128i*>(u + i), b);
-    else _mm_mask_storeu_epi8(u + i, m, b);
+    return _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(q), v128));
+  };
+  int64_t i = 0;
+  for (; i + 16 <= K; i += 16)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(u + i), step(load16(xb + i * es, BF16, 0xFFFF)));
+  if (i < K) {
+    const __mmask16 m = tail_mask(K - i);
+    _mm_mask_storeu_epi8(u + i, m, step(load16(xb + i * es, BF16, m)));
   }
   for (int64_t i = K; i < Kp; ++i) u[i] = 128;
   *scale_out = scale;
@@ -274,79 +342,59 @@ std::vector<Tensor> quantize(const Tensor& x, int64_t mode, double static_scale)
 std::vector<Tensor> norm_quant(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
                                double eps, int64_t kind, int64_t mode) {
   check_x(x);
+  TORCH_CHECK(kind == 0 || kind == 1, "zquant_cpu.norm_quant: kind must be 0 (RMSNorm) or 1 (LayerNorm)");
   const int64_t M = rows_of(x), K = x.size(-1), Kp = round_up(K, 4);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
-  Tensor w, b;
-  if (weight.has_value() && weight->defined()) {
-    w = weight->contiguous().to(at::kFloat);
-    TORCH_CHECK(w.numel() == K, "zquant_cpu.norm_quant: weight size");
-  }
-  if (bias.has_value() && bias->defined()) {
-    b = bias->contiguous().to(at::kFloat);
-    TORCH_CHECK(b.numel() == K, "zquant_cpu.norm_quant: bias size");
-  }
-  Tensor y = at::empty_like(x);
   const bool quant = mode != kNoQuant;
   Tensor u = at::empty({quant ? M : 0, Kp}, x.options().dtype(at::kByte));
   Tensor s = at::empty({quant ? M : 0}, x.options().dtype(at::kFloat));
   Tensor o = at::empty({quant ? M : 0}, x.options().dtype(at::kInt));
-  const char* xb = static_cast<const char*>(x.data_ptr());
-  char* yb = static_cast<char*>(y.data_ptr());
-  const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   uint8_t* up = quant ? u.data_ptr<uint8_t>() : nullptr;
   float* sp = quant ? s.data_ptr<float>() : nullptr;
   int32_t* op = quant ? o.data_ptr<int32_t>() : nullptr;
   const int64_t es = bf16 ? 2 : 4;
+  Tensor y;
+  if (kind == 1) {
+    // LayerNorm: torch's own kernel, bit-identical to the module by construction; the
+    // quantization then reads each row once more.
+    y = at::layer_norm(x, {K}, weight, bias, eps);
+    const char* yb = static_cast<const char*>(y.data_ptr());
+    if (quant)
+      at::parallel_for(0, M, row_grain(K), [&](int64_t rb, int64_t re) {
+        for (int64_t m = rb; m < re; ++m) quantize_row(yb + m * K * es, bf16, K, Kp, mode, 0.f, up + m * Kp, sp + m, op + m);
+      });
+    return {y, u, s, o};
+  }
+  // LlamaRMSNorm, operation for operation:  x.float(); v = x.pow(2).mean(-1); x * rsqrt(v + eps);
+  // .to(dtype); weight * that. Each row is normalized and quantized while it is in L1.
+  Tensor w;
+  if (weight.has_value() && weight->defined()) {
+    w = weight->contiguous().to(at::kFloat);
+    TORCH_CHECK(w.numel() == K, "zquant_cpu.norm_quant: weight size");
+  }
+  y = at::empty_like(x);
+  const char* xb = static_cast<const char*>(x.data_ptr());
+  char* yb = static_cast<char*>(y.data_ptr());
+  const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
   const float feps = (float)eps;
   at::parallel_for(0, M, row_grain(K), [&](int64_t rb, int64_t re) {
     for (int64_t m = rb; m < re; ++m) {
-      const char* __restrict xr = xb + m * K * es;
-      char* __restrict yr = yb + m * K * es;
-      if (kind == 0) {
-        // LlamaRMSNorm: y = w * (x * rsqrt(mean(x^2) + eps))
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t i = 0; i < K; i += 16) {
-          __m512 v = load16(xr + i * es, bf16, tail_mask(K - i));
-          acc = _mm512_fmadd_ps(v, v, acc);
-        }
-        const float var = _mm512_reduce_add_ps(acc) / (float)K;
-        const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(var + feps));
-        for (int64_t i = 0; i < K; i += 16) {
-          const __mmask16 mk = tail_mask(K - i);
-          __m512 v = _mm512_mul_ps(load16(xr + i * es, bf16, mk), rstd);
-          if (bf16) v = round_bf16(v);
-          if (wp) v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, wp + i), v);
-          store16(yr + i * es, v, bf16, mk);
-        }
-      } else {
-        // LayerNorm: y = (x - mean) * rsqrt(var + eps) * w + b (two passes for the moments)
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t i = 0; i < K; i += 16) acc = _mm512_add_ps(acc, load16(xr + i * es, bf16, tail_mask(K - i)));
-        const float mean = _mm512_reduce_add_ps(acc) / (float)K;
-        const __m512 vm = _mm512_set1_ps(mean);
-        __m512 acc2 = _mm512_setzero_ps();
-        for (int64_t i = 0; i < K; i += 16) {
-          const __mmask16 mk = tail_mask(K - i);
-          __m512 d = _mm512_maskz_sub_ps(mk, load16(xr + i * es, bf16, mk), vm);
-          acc2 = _mm512_fmadd_ps(d, d, acc2);
-        }
-        const float var = _mm512_reduce_add_ps(acc2) / (float)K;
-        const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(var + feps));
-        for (int64_t i = 0; i < K; i += 16) {
-          const __mmask16 mk = tail_mask(K - i);
-          __m512 v = _mm512_mul_ps(_mm512_sub_ps(load16(xr + i * es, bf16, mk), vm), rstd);
-          if (wp) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mk, wp + i));
-          if (bp) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bp + i));
-          store16(yr + i * es, v, bf16, mk);
-        }
+      const char* xr = xb + m * K * es;
+      char* yr = yb + m * K * es;
+      const float var = (bf16 ? aten_row_sum_sq<true>(xr, K) : aten_row_sum_sq<false>(xr, K)) / (float)K;
+      const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(var + feps));
+      for (int64_t i = 0; i < K; i += 16) {
+        const __mmask16 mk = tail_mask(K - i);
+        __m512 v = _mm512_mul_ps(load16(xr + i * es, bf16, mk), rstd);
+        if (bf16) v = round_bf16(v);
+        if (wp) v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, wp + i), v);
+        store16(yr + i * es, v, bf16, mk);
       }
       if (quant) quantize_row(yr, bf16, K, Kp, mode, 0.f, up + m * Kp, sp + m, op + m);
     }
   });
   return {y, u, s, o};
 }
-
 
 // ------------------------------------------------------------------------------------------
 // INT8 GEMM micro-kernels (AVX-512 VNNI)
@@ -470,7 +518,7 @@ struct Gemm {
   const uint8_t* A;  int64_t lda;  const float* ascale;  const int32_t* aoff;  int64_t M;
   const uint8_t* W;  int64_t bits;  int64_t K4;  int64_t ntiles;
   const int32_t* wsum;  const float* wscale;  const float* wbias;
-  int64_t act;  bool gated;
+  bool gated;  const ScalarTails* tails;    // gated: silu's scalar-tail lanes of the output
   char* out;  bool out_bf16;  int64_t N;    // out is [M, N], row stride N
 };
 
@@ -498,22 +546,18 @@ static void epilogue(const Gemm& g, int64_t m0, int mr, int64_t tile0, int nv, c
       for (int v = 0; v < nv; ++v) {
         const int64_t col = (tile0 + v) * kTile;
         if (col >= g.N) break;
-        __m512 f = dequant(g, ar + v * 16, col, off, sx);
-        if (g.act != kNone) {
-          if (bf) f = round_bf16(f);   // the reference rounds the linear's output before the activation
-          f = act16(f, g.act);
-        }
-        store16(orow + col * es, f, bf, tail_mask(g.N - col));
+        store16(orow + col * es, dequant(g, ar + v * 16, col, off, sx), bf, tail_mask(g.N - col));
       }
     } else {
-      // tiles alternate gate, up: output = act(gate) * up for 16 columns per pair
+      // tiles alternate gate, up: output = silu(gate) * up for 16 columns per pair, rounded like
+      // the reference's separate tensors (gate and up in x's dtype, then silu, then the product)
       for (int p = 0; p < nv / 2; ++p) {
         const int64_t pc = (tile0 + 2 * p) * kTile, oc = (tile0 / 2 + p) * kTile;
         if (oc >= g.N) break;
         __m512 gv = dequant(g, ar + 32 * p, pc, off, sx);
         __m512 uv = dequant(g, ar + 32 * p + 16, pc + 16, off, sx);
         if (bf) { gv = round_bf16(gv); uv = round_bf16(uv); }
-        __m512 a = act16(gv, g.act);
+        __m512 a = silu16(gv, g.tails->lanes(m * g.N + oc));
         if (bf) a = round_bf16(a);
         store16(orow + oc * es, _mm512_mul_ps(a, uv), bf, tail_mask(g.N - oc));
       }
@@ -654,9 +698,16 @@ std::vector<Tensor> linear(const Tensor& x, const std::optional<Tensor>& qa, con
     sy = at::empty({M}, x.options().dtype(at::kFloat));
     oy = at::empty({M}, x.options().dtype(at::kInt));
   }
+  TORCH_CHECK(act >= kNone && act <= kSilu && (!gated || act == kSilu), "zquant_cpu.linear: bad activation ", act);
+  // silu's vector iterations cover 2 vectors of x's dtype: 32 floats or 64 bfloat16s
+  const ScalarTails tails(M * N, at::get_num_threads(), bf16 ? 64 : 32);
   Gemm g{u, Kp, s, o, M, static_cast<const uint8_t*>(wpack.data_ptr()), bits, K4, ntiles,
-         wsum.data_ptr<int32_t>(), wscale.data_ptr<float>(), wb, act, gated,
+         wsum.data_ptr<int32_t>(), wscale.data_ptr<float>(), wb, gated, &tails,
          static_cast<char*>(y.data_ptr()), bf16, N};
+  // A plain GEMM's activation is torch's own op on the output (bit-identical to the model's
+  // module), so the output can only be quantized after it: then outside the GEMM's team.
+  const bool post_act = !gated && act != kNone;
+  const int64_t team_out_mode = post_act ? kNoQuant : out_mode;
   const char* xb = static_cast<const char*>(x.data_ptr());
   const int64_t es = bf16 ? 2 : 4, Np4 = round_up(N, 4);
   const float ss = (float)static_scale;
@@ -680,7 +731,7 @@ std::vector<Tensor> linear(const Tensor& x, const std::optional<Tensor>& qa, con
           const int64_t me = std::min(mc + MC, m1);
           if (!given) quantize_in(mc, me);
           gemm_part(g, 0, units, mc, me);
-          if (out_mode != kNoQuant) quantize_out(mc, me);
+          if (team_out_mode != kNoQuant) quantize_out(mc, me);
         }
       } else {
         const auto [r0, r1] = row_share(M, t, nt);
@@ -689,12 +740,25 @@ std::vector<Tensor> linear(const Tensor& x, const std::optional<Tensor>& qa, con
 #pragma omp barrier
         }
         gemm_part(g, units * t / nt, units * (t + 1) / nt, 0, M);
-        if (out_mode != kNoQuant) {
+        if (team_out_mode != kNoQuant) {
 #pragma omp barrier
           quantize_out(r0, r1);
         }
       }
     });
+  }
+  if (post_act) {
+    switch (act) {
+      case kRelu: at::relu_(y); break;
+      case kGelu: at::gelu_(y, "none"); break;
+      case kGeluTanh: at::gelu_(y, "tanh"); break;
+      default: at::silu_(y); break;
+    }
+    if (out_mode != kNoQuant && M > 0)
+      in_team(team_size(M, N, 64), [&](int64_t t, int64_t nt) {
+        const auto [r0, r1] = row_share(M, t, nt);
+        quantize_out(r0, r1);
+      });
   }
   if (out_mode == kNoQuant) return {y};
   return {y, qy, sy, oy};
