@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import FOREIGN_LIMIT, measure  # noqa: E402
+from timing import FOREIGN_LIMIT, measure, wait_for_quiet  # noqa: E402
 
 SHAPES = [(576, 576), (576, 1536), (1536, 576), (4096, 4096), (4096, 11008)]    # (K in, N out)
 TOKENS = [1, 16, 128, 512]
@@ -93,6 +93,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="only the 576-wide shapes")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
+    ap.add_argument("--max-wait", type=float, default=300.0,
+                    help="seconds to wait for a quiet machine before each token count (default 300)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     # Raise glibc's dynamic mmap threshold first, so large temporaries are not mmap-ed and
@@ -107,6 +109,7 @@ def main() -> None:
     for k, n in shapes:
         paths, wq, w_kn = build_paths(k, n)
         for m in TOKENS:
+            wait_for_quiet(max_wait=args.max_wait, log=lambda s: print(s, file=sys.stderr))
             x = torch.randn(m, k)
             a8 = torch.randint(-127, 128, (m, k), dtype=torch.int8)
             row = {"K": k, "N": n, "M": m, "paths": {}}

@@ -62,3 +62,17 @@ def measure(fn: Callable[[], object], min_time: float = 0.3, min_calls: int = 5,
 
 def setup_threads(n: int = 2) -> None:
     torch.set_num_threads(n)
+
+
+def wait_for_quiet(max_wait: float = 900.0, window: float = 3.0, log: Callable[[str], None] | None = None) -> float:
+    """Wait (up to ``max_wait`` s) until other processes use at most FOREIGN_LIMIT cores over a
+    ``window``; returns the load seen last (above the limit if the wait timed out)."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        b0, o0 = busy_seconds(), own_seconds()
+        time.sleep(window)
+        load = max(0.0, ((busy_seconds() - b0) - (own_seconds() - o0)) / window)
+        if load <= FOREIGN_LIMIT or time.monotonic() > deadline:
+            return load
+        if log:
+            log(f"  waiting for a quiet machine: others use {load:.2f} cores")

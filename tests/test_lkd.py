@@ -281,3 +281,11 @@ def test_fake_quantizers_equal_quantize_then_dequantize():
     assert torch.equal(P.fake_quantize_per_token(x), (q.float() * s[:, None]).view(2, 5, 24))
     scale = P.static_scale(torch.tensor(4.0))
     assert torch.equal(P.fake_quantize_per_tensor(x, scale), P.quantize_per_tensor(x, scale).float() * scale)
+
+
+def test_a_block_that_training_makes_worse_is_kept_untrained(tmp_path):
+    """A rate far too high raises every block's loss; LKD then keeps the plainly quantized blocks."""
+    plain = zquant.quantize(make_tiny("llama"), "w4/8a8")
+    wild = zquant.quantize(make_tiny("llama"), "w4/8a8", lkd=LKDConfig(**{**FAST.to_dict(), "lr": 0.5}), quiet=True)
+    assert all(b["loss_after"] == b["loss_before"] for b in wild.zquant_info["lkd"]["blocks"])
+    assert state_bytes(plain, tmp_path, "plain") == state_bytes(wild, tmp_path, "wild")

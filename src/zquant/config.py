@@ -265,6 +265,7 @@ def get_scheme(scheme: "str | QuantConfig") -> QuantConfig:
 
 
 LKD_LOSSES = ("mse", "rel_mse")
+LKD_SCHEDULES = ("constant", "cosine")
 
 
 def _is_int(value: Any) -> bool:
@@ -279,7 +280,8 @@ class LKDConfig:
                 or ``random`` for uniformly random token ids (no text at all).
     samples:    number of sequences of ``seq_len`` tokens that every block is distilled on.
     steps:      optimizer steps per block, each on one batch of ``batch_size`` sequences.
-    lr:         constant AdamW learning rate.
+    lr:         AdamW learning rate (the peak one with the cosine schedule).
+    schedule:   ``constant`` (the paper's) or ``cosine`` (decays the rate to 0 over ``steps``).
     seed:       seeds the batch order (and the random tokens); same seed, same bytes.
     loss:       ``mse`` (the paper's) or ``rel_mse`` (each token's squared error divided by the
                 teacher token's mean square, so tokens with huge activations do not dominate).
@@ -293,6 +295,7 @@ class LKDConfig:
     batch_size: int = 4
     seed: int = 0
     loss: str = "mse"
+    schedule: str = "constant"
 
     def __post_init__(self):
         _check(isinstance(self.data, str) and self.data.strip() != "",
@@ -309,6 +312,8 @@ class LKDConfig:
                f"lkd.batch_size ({self.batch_size}) must not exceed lkd.samples ({self.samples})")
         _check(_is_int(self.seed) and self.seed >= 0, f"lkd.seed must be an integer >= 0, got {self.seed!r}")
         _check(self.loss in LKD_LOSSES, f"lkd.loss must be one of {LKD_LOSSES}, got {self.loss!r}")
+        _check(self.schedule in LKD_SCHEDULES,
+               f"lkd.schedule must be one of {LKD_SCHEDULES}, got {self.schedule!r}")
         object.__setattr__(self, "lr", float(self.lr))
 
     def to_dict(self) -> dict[str, Any]:

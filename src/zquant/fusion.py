@@ -23,6 +23,7 @@ forward hook watches one of its layers.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
@@ -37,18 +38,24 @@ NORM_KINDS = {"LayerNorm": "layer", "LlamaRMSNorm": "rms", "MistralRMSNorm": "rm
 
 
 def activation_kind(module: nn.Module) -> str | None:
-    """The kernel's name for an activation module (relu, gelu, gelu_tanh, silu), or None."""
+    """The kernel's name for an activation module (relu, gelu, gelu_tanh, silu), or None.
+
+    Only modules that are exactly one PyTorch op are recognized: the fused kernel then gives
+    bit-identical results (e.g. transformers' ``NewGELUActivation`` is a Python formula whose
+    rounding differs from ``F.gelu(approximate="tanh")``, so it is not fused).
+    """
     name = type(module).__name__
+    act = getattr(module, "act", None)
     if name in ("SiLU", "SiLUActivation"):
         return "silu"
     if name == "ReLU":
         return "relu"
-    if name == "GELUActivation":          # transformers' erf GELU (C or Python form)
+    if name == "GELUActivation" and act is F.gelu:                      # transformers' "gelu"
         return "gelu"
-    if name in ("NewGELUActivation", "GELUTanh"):
+    if name == "GELUTanh" and getattr(act, "func", None) is F.gelu and act.keywords == {"approximate": "tanh"}:
         return "gelu_tanh"
-    if name == "GELU":                    # torch.nn.GELU
-        return "gelu" if getattr(module, "approximate", "none") == "none" else "gelu_tanh"
+    if name == "GELU":                                                  # torch.nn.GELU
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(getattr(module, "approximate", None))
     return None
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import resource
 import time
 import warnings
@@ -173,6 +174,10 @@ def train_block(student: nn.Module, inputs: Sequence[BlockInput], targets: Seque
     """``lkd.steps`` AdamW steps on the student, one captured batch per step, in a seeded order."""
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lkd.lr, weight_decay=0.0)
+    scheduler = None
+    if lkd.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / lkd.steps)))
     # Seeded by (seed, block) only, so a resumed run trains each block exactly as an uninterrupted one.
     generator = torch.Generator().manual_seed(lkd.seed * 1_000_003 + block_index)
     order: list[int] = []
@@ -185,20 +190,31 @@ def train_block(student: nn.Module, inputs: Sequence[BlockInput], targets: Seque
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
 
 
 def distill_block(block: nn.Module, targets: Sequence[Target], absmax: dict[str, Tensor],
                   inputs: Sequence[BlockInput], teacher: Sequence[Tensor], lkd: LKDConfig,
-                  k: int) -> tuple[nn.Module, float, float]:
-    """(quantized trained copy of ``block``, loss before, loss after) for the block's float
-    ``inputs`` and the float block's outputs ``teacher``. A block without quantized layers is
-    copied as it is (its loss is 0)."""
+                  k: int) -> tuple[nn.Module, float, float, bool]:
+    """(quantized trained copy of ``block``, loss before, loss after, whether training was undone)
+    for the block's float ``inputs`` and the float block's outputs ``teacher``.
+
+    If training ends with a higher loss than it started from (a rate too high for this block),
+    the untrained copy is kept, so LKD never makes a block worse on its distillation set. A block
+    without quantized layers is copied as it is (its loss is 0).
+    """
     student = make_student(block, targets, absmax)
     before = after = mean_loss(student, inputs, teacher, lkd.loss)
+    undone = False
     if targets and lkd.steps:
+        initial = {name: t.detach().clone() for name, t in student.state_dict().items()}
         train_block(student, inputs, teacher, lkd, k)
         after = mean_loss(student, inputs, teacher, lkd.loss)
-    return finalize(student, targets), before, after
+        if after > before:
+            student.load_state_dict(initial)
+            after, undone = before, True
+    return finalize(student, targets), before, after, undone
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +363,8 @@ def distill(model: nn.Module, config: QuantConfig, lkd: LKDConfig = LKDConfig(),
             if k < first:
                 blocks[k] = state.load(k, finalize(make_student(blocks[k], per_block[k], absmax), per_block[k]))
             else:
-                blocks[k], before, after = distill_block(blocks[k], per_block[k], absmax, inputs, teacher, lkd, k)
+                blocks[k], before, after, undone = distill_block(blocks[k], per_block[k], absmax, inputs, teacher,
+                                                                 lkd, k)
                 seconds = time.perf_counter() - t0
                 record = {"block": k, "loss_before": before, "loss_after": after, "seconds": round(seconds, 2)}
                 if state:
@@ -356,6 +373,8 @@ def distill(model: nn.Module, config: QuantConfig, lkd: LKDConfig = LKDConfig(),
                 trained_seconds.append(seconds)
                 left = sum(trained_seconds) / len(trained_seconds) * (len(blocks) - 1 - k)
                 change = f" ({(after / before - 1) * 100:+.0f}%)" if before > 0 else ""
+                if undone:
+                    change = " (training raised the loss: kept the untrained block)"
                 bar.log(f"lkd block {k + 1}/{len(blocks)}: loss {before:.4g} -> {after:.4g}{change}, "
                         f"{seconds:.1f} s, ~{_fmt(left)} left")
             if teacher is not None:

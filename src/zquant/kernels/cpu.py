@@ -13,16 +13,24 @@ tensor it returns (`QuantizedActivation`, attribute ``ATTR``). A consumer uses i
 for the same quantization and the tensor was not modified in place since; otherwise it
 quantizes the float tensor itself, so an attachment can never change a result.
 
-Numerics equal the reference: quantization divides by the scale and rounds half to even like
-``torch.round``; the epilogue rounds like the reference's separate multiply and add. A plain
-linear layer is bit-identical to `reference.linear`; fused activations and normalizations use
-their own vectorized exp/erf and sums, a few float32 ulps from PyTorch's.
+Numerics: bit-identical to the reference path, fused or not. Quantization divides by the scale and
+rounds half to even like ``torch.round``; the epilogue rounds like the reference's separate
+multiply and add; the fused RMSNorm sums in the order of torch's own reduction; the fused SiLU
+(gated MLPs) uses the exp torch's kernel uses, including its scalar tails; LayerNorm and the other
+activations are torch's own ops, run inside the fused op. This matters: INT8 rounding turns a
+1-ulp difference into a 1-LSB one, and on models with massive activation outliers (SmolLM2) such
+flips move the perplexity in its third digit.
 
-Paths by shape (all inside one C++ call; see docs/benchmarks.md): the GEMM splits the output
-columns over the threads (each streams its half of the weight: decode and M = 1..16 are weight-
-bandwidth bound) unless there are too few columns, then the rows; micro-kernels of 6 rows x 64
-columns, with 2-4 interleaved accumulator sets for 1-3 rows so that one token still keeps 16
-VNNI chains in flight.
+Paths by shape (all inside one C++ call; measured in docs/benchmarks.md):
+
+* Fewer than 24 rows per thread (M < 48 with 2 threads), or a weight over 8 MB: the threads
+  split the output columns, each streaming only its part of the weight (decode is weight-
+  bandwidth bound), after quantizing their share of the rows; micro-kernels of up to 6 rows x
+  64 columns, with 2-4 interleaved accumulator sets when there are 1-3 rows so that one token
+  still keeps 16 VNNI chains busy.
+* More rows and a weight of at most 8 MB (L3-resident): the threads split the rows; each
+  quantizes, multiplies and re-quantizes its own row blocks while they are in L2, with no barrier.
+* Tiny layers (M x N x K < 2^17) run on one thread: a fork/join would cost more.
 """
 from __future__ import annotations
 
@@ -45,16 +53,24 @@ _NO_QUANT = -1
 stats = {"reused": 0, "quantized": 0}
 
 
-_OPS = None
+class _Ops:
+    """The extension's operators, resolved once (``OpOverload``s: cheaper to call than packets)."""
 
-
-def _ops():
-    global _OPS
-    if _OPS is None:
+    def __init__(self):
         reason = build.load()     # builds once
         if reason is not None:
             raise RuntimeError(f"zquant: the CPU kernels are unavailable: {reason}")
-        _OPS = torch.ops.zquant_cpu
+        ns = torch.ops.zquant_cpu
+        self.linear, self.quantize, self.norm_quant = ns.linear.default, ns.quantize.default, ns.norm_quant.default
+
+
+_OPS: _Ops | None = None
+
+
+def _ops() -> _Ops:
+    global _OPS
+    if _OPS is None:
+        _OPS = _Ops()
     return _OPS
 
 

@@ -89,18 +89,19 @@ static inline void store16(void* p, __m512 v, bool bf16, __mmask16 m) {
 // INT8 rounding is discontinuous: a fused normalization or activation that differs from PyTorch's
 // by one float32 ulp flips some quantized values, and on models with massive activation outliers
 // (SmolLM2) that moves the perplexity in its third digit. So these helpers reproduce, operation
-// for operation, what torch 2.x computes on CPU (AVX-512 build, 16-lane vectors); the tests
-// compare them with torch bit for bit.
+// for operation, what torch computes on CPU; the tests compare them with torch bit for bit.
+// Note: torch registers many CPU kernels (sum among them) for AVX2 only ("REGISTER_DISPATCH"
+// skips AVX-512), so there its Vectorized<float> has 8 lanes; silu has an AVX-512 kernel (16).
 
-// Sleef's exp, exported by libtorch_cpu: what Vectorized<float>::exp() calls.
+// Sleef's exp as exported by libtorch_cpu: what torch's 16-lane Vectorized<float>::exp() calls.
 extern "C" __m512 Sleef_expf16_u10(__m512);
 
 static inline int64_t ceil_log2(int64_t x) {   // ATen's utils::CeilLog2
   return x <= 2 ? 1 : 64 - __builtin_clzll((uint64_t)(x - 1));
 }
 
-// ATen's multi_row_sum (SumKernel.cpp): NR interleaved running sums over `size` groups, added in
-// cascaded levels. V is float or __m512; load(i, k) returns element/vector i * NR + k.
+// ATen's multi_row_sum (SumKernel.cpp): 4 interleaved running sums over `size` groups, added in
+// cascaded levels. V is float or __m256; load(i, k) returns element (vector) i * 4 + k.
 template <typename V, typename Load, typename Add>
 static inline void multi_row_sum(int64_t size, V (&out)[4], V zero, const Load& load, const Add& add) {
   constexpr int64_t kLevels = 4;
@@ -128,8 +129,8 @@ static inline void multi_row_sum(int64_t size, V (&out)[4], V zero, const Load& 
   for (int k = 0; k < 4; ++k) out[k] = acc[0][k];
 }
 
-// sum(x[k]^2 for k < K) in the order of torch's `x.pow(2).sum(-1)` on a contiguous float row
-// (cascade_sum -> vectorized_inner_sum, or scalar_inner_sum for rows shorter than one vector).
+// sum(x[k]^2 for k < K) in the order of torch's `x.pow(2).sum(-1)` on a contiguous float row:
+// cascade_sum -> vectorized_inner_sum over 8-lane vectors (scalar_inner_sum below 8 elements).
 template <bool BF16>
 static float aten_row_sum_sq(const char* xr, int64_t K) {
   constexpr int64_t es = BF16 ? 2 : 4;
@@ -138,45 +139,45 @@ static float aten_row_sum_sq(const char* xr, int64_t K) {
     return v * v;
   };
   auto fadd = [](float a, float b) { return a + b; };
-  if (K < 16) {
-    if (K == 1) return 0.f + sq(0);
+  if (K < 8) {
     float part[4];
     const int64_t groups = K / 4;
     multi_row_sum<float>(groups, part, 0.f, [&](int64_t i, int k) { return sq(4 * i + k); }, fadd);
     for (int64_t k = groups * 4; k < K; ++k) part[0] += sq(k);
     return ((part[0] + part[1]) + part[2]) + part[3];
   }
-  const int64_t nvec = K / 16, groups = nvec / 4;
+  const int64_t nvec = K / 8, groups = nvec / 4;
   auto vsq = [&](int64_t v) {
-    const __m512 x = load16(xr + v * 16 * es, BF16, 0xFFFF);
-    return _mm512_mul_ps(x, x);
+    const __m256 x = _mm512_castps512_ps256(load16(xr + v * 8 * es, BF16, 0xFF));
+    return _mm256_mul_ps(x, x);
   };
-  __m512 part[4];
-  multi_row_sum<__m512>(groups, part, _mm512_setzero_ps(), [&](int64_t i, int k) { return vsq(4 * i + k); },
-                        [](__m512 a, __m512 b) { return _mm512_add_ps(a, b); });
-  for (int64_t v = groups * 4; v < nvec; ++v) part[0] = _mm512_add_ps(part[0], vsq(v));
-  for (int k = 1; k < 4; ++k) part[0] = _mm512_add_ps(part[0], part[k]);
+  __m256 part[4];
+  multi_row_sum<__m256>(groups, part, _mm256_setzero_ps(), [&](int64_t i, int k) { return vsq(4 * i + k); },
+                        [](__m256 a, __m256 b) { return _mm256_add_ps(a, b); });
+  for (int64_t v = groups * 4; v < nvec; ++v) part[0] = _mm256_add_ps(part[0], vsq(v));
+  for (int k = 1; k < 4; ++k) part[0] = _mm256_add_ps(part[0], part[k]);
   float total = 0.f;
-  for (int64_t k = nvec * 16; k < K; ++k) total += sq(k);
-  alignas(64) float lanes[16];
-  _mm512_store_ps(lanes, part[0]);
+  for (int64_t k = nvec * 8; k < K; ++k) total += sq(k);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, part[0]);
   for (float lane : lanes) total += lane;
   return total;
 }
 
 // Where torch's elementwise silu on a contiguous tensor of `numel` elements uses its scalar code
 // (std::exp) instead of the vectorized one (Sleef): cpu_kernel_vec splits [0, numel) like
-// at::parallel_for (grain 32768) and each chunk runs `step`-element vector iterations, then a
-// scalar tail. The two exps differ in ~0.4% of inputs, so the tails must be reproduced.
+// at::parallel_for (grain 32768) and each chunk runs `step`-element vector iterations (two
+// vectors), then a scalar tail. The two exps differ on ~0.4% of inputs, so the tails matter.
 struct ScalarTails {
-  int64_t begin[64];
-  int64_t end[64];
+  static constexpr int kMax = 256;
+  int64_t begin[kMax];
+  int64_t end[kMax];
   int n = 0;
   ScalarTails(int64_t numel, int64_t threads, int64_t step) {
     constexpr int64_t kGrain = 32768;
-    int64_t chunks = 1, chunk = numel;
-    if (numel >= kGrain && threads > 1 && numel > kGrain) {
-      chunks = std::min<int64_t>({threads, (numel + kGrain - 1) / kGrain, 64});
+    int64_t chunks = 1, chunk = std::max<int64_t>(numel, 1);
+    if (numel > kGrain && threads > 1) {
+      chunks = std::min<int64_t>({threads, (numel + kGrain - 1) / kGrain, kMax});
       chunk = (numel + chunks - 1) / chunks;
     }
     for (int64_t c = 0; c < chunks; ++c) {
@@ -196,7 +197,7 @@ struct ScalarTails {
   }
 };
 
-// torch's silu: x / (1 + exp(-x)); `scalar` lanes use std::exp as its scalar tail code does.
+// torch's silu, x / (1 + exp(-x)), with Sleef's exp; `scalar` lanes use std::exp like its tails.
 static inline __m512 silu16(__m512 x, __mmask16 scalar) {
   const __m512 neg = _mm512_xor_ps(x, _mm512_set1_ps(-0.f));
   __m512 e = Sleef_expf16_u10(neg);
@@ -410,12 +411,30 @@ static inline __m512i bcast4(const uint8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
+// One 64-value INT8 weight vector from its 32-byte INT4 form (the layout described at the top).
+static inline __m512i unpack64(const uint8_t* p) {
+  const __m256i lo4 = _mm256_set1_epi8(0x0F);
+  const __m512i eight = _mm512_set1_epi8(8);
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i lo = _mm256_and_si256(v, lo4);
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4);
+  const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  return _mm512_sub_epi8(_mm512_xor_si512(w, eight), eight);   // sign-extend: (n ^ 8) - 8
+}
+
+// `nvec` INT4 weight vectors -> INT8 (a strip of consecutive tiles, into an L2-sized buffer).
+static void unpack_int4(const uint8_t* __restrict src, int64_t nvec, int8_t* __restrict dst) {
+  for (int64_t i = 0; i < nvec; ++i) _mm512_storeu_si512(dst + 64 * i, unpack64(src + 32 * i));
+}
+
 // acc[r][0:16*NV] = sum_k A[r, k] * tile_v[k] for r < MR, over K4 groups of 4 k.
 // A is u8 with row stride lda; tile v starts at B + v * tile_bytes, 64 bytes per k group.
 // PH independent accumulator sets walk interleaved k groups so that small MR still keeps
 // >= 16 vpdpbusd chains in flight (their latency would otherwise bound M = 1, 2).
 // MR * PH <= 6 "virtual rows" of NV <= 4 accumulators: at most 24 of the 32 zmm registers.
-template <int MR, int NV, int PH>
+// Q4: B holds INT4 tiles (32 bytes per k group), unpacked in registers: for a few rows, where the
+// kernel streams the weight once, this beats unpacking it to memory and reading it back.
+template <int MR, int NV, int PH, bool Q4>
 static void micro(const uint8_t* __restrict A, int64_t lda, const int8_t* __restrict B, int64_t tile_bytes,
                   int64_t K4, int32_t* __restrict acc) {
   static_assert(MR * PH <= 6 && NV >= 1 && NV <= 4, "register budget");
@@ -429,16 +448,20 @@ static void micro(const uint8_t* __restrict A, int64_t lda, const int8_t* __rest
   const uint8_t* arow[6];
   for (int r = 0; r < 6; ++r) arow[r] = A + (r < MR ? r : 0) * lda;
   __m512i w0 = z, w1 = z, w2 = z, w3 = z;
+  auto wload = [](const int8_t* b, int64_t kq) {
+    if constexpr (Q4) return unpack64(reinterpret_cast<const uint8_t*>(b) + 32 * kq);
+    else return _mm512_loadu_si512(b + 64 * kq);
+  };
 // virtual row j: activation row j % MR, k group k + j / MR; the weights are loaded by its first row.
 #define ZQ_VROW(j, kk)                                                                   \
   if constexpr (MR * PH > j) {                                                           \
     constexpr int r_ = j % MR, p_ = j / MR;                                              \
     const int64_t kq = (kk) + p_;                                                        \
     if constexpr (r_ == 0) {                                                             \
-      w0 = _mm512_loadu_si512(b0 + 64 * kq);                                             \
-      if constexpr (NV > 1) w1 = _mm512_loadu_si512(b1 + 64 * kq);                       \
-      if constexpr (NV > 2) w2 = _mm512_loadu_si512(b2 + 64 * kq);                       \
-      if constexpr (NV > 3) w3 = _mm512_loadu_si512(b3 + 64 * kq);                       \
+      w0 = wload(b0, kq);                                                                \
+      if constexpr (NV > 1) w1 = wload(b1, kq);                                          \
+      if constexpr (NV > 2) w2 = wload(b2, kq);                                          \
+      if constexpr (NV > 3) w3 = wload(b3, kq);                                          \
     }                                                                                    \
     const __m512i a_ = bcast4(arow[r_] + 4 * kq);                                        \
     ZQ_DP(c##j##0, a_, w0);                                                              \
@@ -480,35 +503,22 @@ static void micro(const uint8_t* __restrict A, int64_t lda, const int8_t* __rest
 
 using MicroFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, int32_t*);
 
-template <int MR, int NV>
+template <int MR, int NV, bool Q4>
 static constexpr MicroFn pick() {
   // rows x phases <= 6; small MR gets more phases (see micro)
   constexpr int PH = MR == 1 ? 4 : (MR == 2 ? 2 : (MR == 3 ? 2 : 1));
-  return &micro<MR, NV, PH>;
+  return &micro<MR, NV, PH, Q4>;
 }
 
-static const MicroFn kMicro[kMR][kMaxNV] = {
-    {pick<1, 1>(), pick<1, 2>(), pick<1, 3>(), pick<1, 4>()},
-    {pick<2, 1>(), pick<2, 2>(), pick<2, 3>(), pick<2, 4>()},
-    {pick<3, 1>(), pick<3, 2>(), pick<3, 3>(), pick<3, 4>()},
-    {pick<4, 1>(), pick<4, 2>(), pick<4, 3>(), pick<4, 4>()},
-    {pick<5, 1>(), pick<5, 2>(), pick<5, 3>(), pick<5, 4>()},
-    {pick<6, 1>(), pick<6, 2>(), pick<6, 3>(), pick<6, 4>()},
+#define ZQ_ROW_OF_KERNELS(MR, Q4) {pick<MR, 1, Q4>(), pick<MR, 2, Q4>(), pick<MR, 3, Q4>(), pick<MR, 4, Q4>()}
+// [int4 in registers][rows - 1][tiles - 1]
+static const MicroFn kMicro[2][kMR][kMaxNV] = {
+    {ZQ_ROW_OF_KERNELS(1, false), ZQ_ROW_OF_KERNELS(2, false), ZQ_ROW_OF_KERNELS(3, false),
+     ZQ_ROW_OF_KERNELS(4, false), ZQ_ROW_OF_KERNELS(5, false), ZQ_ROW_OF_KERNELS(6, false)},
+    {ZQ_ROW_OF_KERNELS(1, true), ZQ_ROW_OF_KERNELS(2, true), ZQ_ROW_OF_KERNELS(3, true),
+     ZQ_ROW_OF_KERNELS(4, true), ZQ_ROW_OF_KERNELS(5, true), ZQ_ROW_OF_KERNELS(6, true)},
 };
-
-// INT4 tiles -> INT8 tiles (the layout described at the top), for `ntiles` consecutive tiles.
-static void unpack_int4(const uint8_t* __restrict src, int64_t nvec, int8_t* __restrict dst) {
-  const __m256i lo4 = _mm256_set1_epi8(0x0F);
-  const __m512i eight = _mm512_set1_epi8(8);
-  for (int64_t i = 0; i < nvec; ++i) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * i));
-    const __m256i lo = _mm256_and_si256(v, lo4);
-    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4);
-    __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-    w = _mm512_sub_epi8(_mm512_xor_si512(w, eight), eight);   // sign-extend: (n ^ 8) - 8
-    _mm512_storeu_si512(dst + 64 * i, w);
-  }
-}
+#undef ZQ_ROW_OF_KERNELS
 
 // ------------------------------------------------------------------------------------------
 // GEMM driver and the dequantizing epilogue
@@ -574,7 +584,7 @@ static thread_local Scratch tls;
 
 // Rows per block: the activation block (MC x Kp bytes) and a weight strip stay in L2.
 static inline int64_t block_rows(int64_t Kp) {
-  return std::max<int64_t>(kMR, (262144 / std::max<int64_t>(Kp, 1)) / kMR * kMR);
+  return std::max<int64_t>(kMR, (524288 / std::max<int64_t>(Kp, 1)) / kMR * kMR);
 }
 
 // Output columns of `units` (tiles, or gate/up tile pairs) [u0, u1) for rows [m0, m1).
@@ -588,16 +598,23 @@ static void gemm_part(const Gemm& g, int64_t u0, int64_t u1, int64_t m0, int64_t
     for (int64_t u = u0; u < u1; u += strip_units) {
       const int64_t tile0 = u * unit_tiles;
       const int nv = (int)(std::min(strip_units, u1 - u) * unit_tiles);
+      // INT4: one micro-kernel block of rows unpacks in registers; more rows share a strip
+      // unpacked once into the L2-sized scratch buffer.
+      const bool in_regs = g.bits == 4 && me - mc <= kMR;
       const int8_t* B;
+      int64_t tile_bytes = g.K4 * 64;
       if (g.bits == 8) {
         B = reinterpret_cast<const int8_t*>(g.W) + tile0 * g.K4 * 64;
+      } else if (in_regs) {
+        B = reinterpret_cast<const int8_t*>(g.W + tile0 * g.K4 * 32);
+        tile_bytes = g.K4 * 32;
       } else {
         unpack_int4(g.W + tile0 * g.K4 * 32, nv * g.K4, s.w8.data());
         B = s.w8.data();
       }
       for (int64_t m = mc; m < me; m += kMR) {
         const int mr = (int)std::min<int64_t>(kMR, me - m);
-        kMicro[mr - 1][nv - 1](g.A + m * g.lda, g.lda, B, g.K4 * 64, g.K4, s.acc);
+        kMicro[in_regs][mr - 1][nv - 1](g.A + m * g.lda, g.lda, B, tile_bytes, g.K4, s.acc);
         epilogue(g, m, mr, tile0, nv, s.acc);
       }
     }
@@ -699,7 +716,7 @@ std::vector<Tensor> linear(const Tensor& x, const std::optional<Tensor>& qa, con
     oy = at::empty({M}, x.options().dtype(at::kInt));
   }
   TORCH_CHECK(act >= kNone && act <= kSilu && (!gated || act == kSilu), "zquant_cpu.linear: bad activation ", act);
-  // silu's vector iterations cover 2 vectors of x's dtype: 32 floats or 64 bfloat16s
+  // silu's vector iterations cover 2 (AVX-512) vectors of x's dtype: 32 floats or 64 bfloat16s
   const ScalarTails tails(M * N, at::get_num_threads(), bf16 ? 64 : 32);
   Gemm g{u, Kp, s, o, M, static_cast<const uint8_t*>(wpack.data_ptr()), bits, K4, ntiles,
          wsum.data_ptr<int32_t>(), wscale.data_ptr<float>(), wb, gated, &tails,
