@@ -75,7 +75,7 @@ def test_fake_quant_twin_of_conv1d_and_straight_through_gradient():
     (dict(samples=0), "lkd.samples"), (dict(seq_len=1), "lkd.seq_len"), (dict(steps=-1), "lkd.steps"),
     (dict(lr=0.0), "lkd.lr"), (dict(lr="1e-4"), "lkd.lr"), (dict(batch_size=0), "lkd.batch_size"),
     (dict(samples=4, batch_size=8), "lkd.batch_size"), (dict(seed=-1), "lkd.seed"), (dict(loss="kl"), "lkd.loss"),
-    (dict(data=""), "lkd.data"), (dict(steps=True), "lkd.steps"),
+    (dict(data=""), "lkd.data"), (dict(steps=True), "lkd.steps"), (dict(schedule="linear"), "lkd.schedule"),
 ])
 def test_bad_options_name_the_field(changes, field):
     with pytest.raises(ConfigError, match=field):

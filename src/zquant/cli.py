@@ -41,7 +41,7 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_lkd_options(p: argparse.ArgumentParser, compare: bool = False) -> None:
-    from .config import LKD_LOSSES, LKDConfig
+    from .config import LKD_LOSSES, LKD_SCHEDULES, LKDConfig
     d = LKDConfig()
     p.add_argument("--lkd", action="store_true",
                    help="layer-by-layer knowledge distillation of every block" +
@@ -56,6 +56,7 @@ def _add_lkd_options(p: argparse.ArgumentParser, compare: bool = False) -> None:
     p.add_argument("--lkd-batch-size", type=int, help=f"sequences per step (default {d.batch_size})")
     p.add_argument("--lkd-seed", type=int, help=f"seed of the batch order and random data (default {d.seed})")
     p.add_argument("--lkd-loss", choices=LKD_LOSSES, help=f"distillation loss (default {d.loss})")
+    p.add_argument("--lkd-schedule", choices=LKD_SCHEDULES, help=f"learning-rate schedule (default {d.schedule})")
     p.add_argument("--lkd-resume", metavar="DIR", default=None,
                    help="keep finished blocks in DIR and resume an interrupted run from there" +
                         (" (one subfolder per row)" if compare else " (default: OUT.lkd-resume, removed after "
@@ -66,7 +67,7 @@ def _lkd_configs(args) -> dict:
     """``{row suffix: LKDConfig}`` from the --lkd options: ``{"+lkd": ...}``, one ``+lkd(DATA)`` per
     comma-separated --lkd-data, or ``{}`` without --lkd."""
     from .config import ConfigError, LKDConfig
-    names = ("samples", "seq_len", "steps", "lr", "batch_size", "seed", "loss")
+    names = ("samples", "seq_len", "steps", "lr", "batch_size", "seed", "loss", "schedule")
     given = {k: getattr(args, f"lkd_{k}", None) for k in names}
     given = {k: v for k, v in given.items() if v is not None}
     if not getattr(args, "lkd", False):

@@ -1,17 +1,18 @@
 // zquant CPU fast path: INT8 x INT8 -> INT32 GEMM with AVX-512 VNNI, with token-wise
 // quantization fused into the producer of the activation and dequantization fused into the
 // GEMM's output. Built just in time by zquant/kernels/build.py; the Python side is
-// zquant/kernels/cpu.py, and every op here has a plain-PyTorch twin in kernels/reference.py.
+// zquant/kernels/cpu.py, and every op here has a plain-PyTorch twin (kernels/reference.py, or
+// the model's own modules for the fused normalizations and activations) whose results it
+// reproduces bit for bit.
 //
-// Conventions (the same as zquant.primitives, so results equal the reference):
+// Conventions (the same as zquant.primitives):
 //   * an activation row is quantized to int8 q, and stored as u = q + 128 (uint8) because VNNI's
 //     vpdpbusd multiplies unsigned by signed bytes. The row's "offset" o = 128 + zero_point
 //     (128 when symmetric) undoes that exactly in int32:  sum_k (q - z) w = sum_k u w - o * rowsum(w).
 //   * rounding is round-half-even on the correctly rounded float quotient x / scale, exactly as
-//     torch.round(x / scale); there is no multiply-by-reciprocal shortcut, so quantized values are
-//     identical to the reference's, not just within 1 LSB.
+//     torch.round(x / scale): a true division, no multiply-by-reciprocal shortcut.
 //   * the epilogue applies the float ops in the reference's order (acc * wscale, * xscale, + bias),
-//     compiled with -ffp-contract=off, so a plain linear is bit-identical to the reference.
+//     compiled with -ffp-contract=off.
 //
 // Packed weight layout (built in Python, zquant/kernels/cpu.py:pack): output rows are padded to a
 // multiple of 16 and grouped in "tiles" of 16 rows; K is padded to a multiple of 4. A tile is
