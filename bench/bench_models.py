@@ -77,7 +77,7 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def worker(model_name: str, variant: str, batch: int, seq: int, threads: int) -> dict:
+def worker(model_name: str, variant: str, batch: int, seq: int, threads: int, max_wait: float) -> dict:
     torch.set_num_threads(threads)
     torch.empty(32 << 20, dtype=torch.uint8).fill_(0)     # raise glibc's mmap threshold (see bench_linear)
     model = build(model_name, variant).eval()
@@ -96,7 +96,7 @@ def worker(model_name: str, variant: str, batch: int, seq: int, threads: int) ->
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     out = {"model": model_name, "variant": variant, "batch": batch, "seq": seq}
     prefill()                                            # first call: kernel build / prepacking
-    wait_for_quiet(max_wait=300, log=log)
+    wait_for_quiet(max_wait=max_wait, log=log)
     r = measure(prefill, min_time=0.0, min_calls=3, warmup=1, log=log)
     out["prefill_s"], out["prefill_foreign"] = r["median"], r["foreign"]
     if decoder:
@@ -146,10 +146,12 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="also write the raw results here")
+    ap.add_argument("--max-wait", type=float, default=300.0,
+                    help="seconds each variant waits for a quiet machine before measuring (default 300)")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.batch, args.seq, args.threads)))
+        print(json.dumps(worker(*args.worker, args.batch, args.seq, args.threads, args.max_wait)))
         return
     rows = []
     for model_name in args.models:
@@ -158,7 +160,7 @@ def main() -> None:
                 checkpoint(model_name, variant)       # quantize outside the measured process
             t = time.perf_counter()
             cmd = [sys.executable, __file__, "--worker", model_name, variant, "--batch", str(args.batch),
-                   "--seq", str(args.seq), "--threads", str(args.threads)]
+                   "--seq", str(args.seq), "--threads", str(args.threads), "--max-wait", str(args.max_wait)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
             if proc.returncode != 0:
                 raise SystemExit(f"{model_name} {variant} failed:\n{proc.stderr[-3000:]}")

@@ -13,6 +13,11 @@ and targets of the distillation set (2 x samples x seq_len x hidden floats) and 
 with its gradients and AdamW state. The loop touches one block at a time, so a future loader that
 streams blocks from disk fits in without changing it.
 
+Two departures from the paper's recipe (constant rate 5e-6, 100 steps, batch 32 on a GPU), both
+measured in docs/benchmarks.md: the default rate is higher and decays along a cosine, since a CPU
+budget affords few small steps; and a block whose loss ends higher than it started is kept
+untrained, so LKD never makes a block worse on its distillation set.
+
 Blocks are independent given their float inputs, so every block's training is seeded by
 (seed, k) alone. With a ``resume_dir`` each finished block is saved atomically as it finishes
 (safetensors + ``progress.json``); a restarted run loads those blocks, recomputes the float
