@@ -40,6 +40,27 @@ def test_round_trip_is_bit_exact(tmp_path, family, scheme):
     assert not loaded.training
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_load_keeps_tied_weights_tied_and_never_builds_the_float_layers(tmp_path, family, monkeypatch):
+    model = make_tiny(family)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    zquant.save(zquant.quantize(model, "w8a8"), tmp_path / "q")
+    created = []
+    original = torch.nn.Linear.reset_parameters
+    monkeypatch.setattr(torch.nn.Linear, "reset_parameters",
+                        lambda self: (created.append(self.weight.device.type), original(self)))
+    loaded = zquant.load(tmp_path / "q")
+    # every float Linear of the skeleton (later replaced by QuantLinear) was created without memory
+    assert created and set(created) == {"meta"}
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    assert not any(t.is_meta for t in (*loaded.parameters(), *loaded.buffers()))
+    ids = sample_ids()
+    with kernels.use_backend("reference"):
+        assert torch.equal(_out(model, ids), _out(loaded, ids))
+
+
 def test_checkpoint_is_really_small(saved):
     model, path = saved
     meta = json.loads((path / "zquant.json").read_text())
@@ -89,6 +110,26 @@ def test_mismatched_scheme_is_detected(saved):
     meta["scheme"]["mlp"]["weight"]["bits"] = 8        # says INT8, file holds packed INT4
     (path / "zquant.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="does not match"):
+        zquant.load(path)
+
+
+@pytest.mark.parametrize("change, message", [("drop", "missing tensors.*up_proj"),
+                                              ("add", "unexpected tensors.*extra")])
+def test_a_weights_file_with_missing_or_extra_tensors_is_refused(saved, change, message):
+    # A consistent file (its size and SHA-256 recorded) that still does not fit the model.
+    from safetensors.torch import load_file, save_file
+    _, path = saved
+    f = path / "model.safetensors"
+    state = load_file(str(f))
+    if change == "drop":
+        del state[next(k for k in state if "up_proj" in k)]
+    else:
+        state["extra"] = torch.zeros(3)
+    save_file(state, str(f))
+    meta = json.loads((path / "zquant.json").read_text())
+    meta["weights"].update(sha256=io.sha256(f), bytes=f.stat().st_size)
+    (path / "zquant.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=message):
         zquant.load(path)
 
 

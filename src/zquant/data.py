@@ -55,7 +55,9 @@ def token_stream(tokenizer, text: str, max_tokens: int | None = None) -> Tensor:
         if max_tokens < 2:
             raise ValueError(f"max_tokens must be at least 2, got {max_tokens}")
         text = text[: max_tokens * 16]
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    # verbose=False: the whole text is one long sequence on purpose (it is cut into windows later),
+    # so the tokenizer's "longer than the maximum sequence length" warning does not apply.
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     ids = torch.tensor(ids, dtype=torch.long)
     return ids[:max_tokens] if max_tokens is not None else ids
 

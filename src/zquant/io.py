@@ -140,8 +140,27 @@ def read_meta(directory: str | os.PathLike) -> dict:
     return meta
 
 
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Create every `nn.Parameter` on the meta device (no memory, no initialization) while buffers
+    stay real: rotary frequencies and position ids are computed in ``__init__`` and never saved."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
 def _skeleton(meta: dict) -> nn.Module:
-    """An untrained float model of the recorded class and config (weights are overwritten next)."""
+    """A model of the recorded class and config whose parameters are on the meta device (they are
+    assigned from the checkpoint next, so the float model is never materialized)."""
     import transformers
     from transformers import AutoConfig
     cfg = dict(meta["source_config"])
@@ -155,15 +174,50 @@ def _skeleton(meta: dict) -> nn.Module:
     if cls is None:
         raise CheckpointError(f"checkpoint records model class {meta['model_class']!r}, unknown to transformers "
                               f"{transformers.__version__}")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _parameters_on_meta():
         warnings.simplefilter("ignore")
         return cls._from_config(config, dtype=torch.float32)
 
 
+def _assign_weights(model: nn.Module, weights: Path) -> None:
+    """Assign the checkpoint's tensors to ``model`` (its float parameters are still on meta),
+    re-tie shared weights, and refuse a file that leaves any tensor unset or has extra ones."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        state = load_file(str(weights))
+    except SafetensorError as e:
+        raise CheckpointError(f"{weights}: unreadable safetensors file ({e})") from None
+    # Tied weights (an LM head sharing the embeddings) are one tensor in the file, under one of
+    # their names: give every name of a shared parameter that tensor, so they stay one tensor.
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for group in names.values():
+        present = [n for n in group if n in state]
+        for n in group:
+            if present and n not in state:
+                state[n] = state[present[0]]
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()[:300]
+        raise CheckpointError(f"{weights}: does not match the recorded model and scheme: {first}") from None
+    for group in names.values():            # assign made one Parameter per name: make them one again
+        shared = model.get_parameter(group[0])
+        for n in group[1:]:
+            owner, _, attr = n.rpartition(".")
+            setattr(model.get_submodule(owner), attr, shared)
+    unset = sorted({*result.missing_keys,
+                    *(n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta)})
+    if result.unexpected_keys or unset:
+        parts = ([f"unexpected tensors {result.unexpected_keys[:5]}"] if result.unexpected_keys else []) + \
+                ([f"missing tensors {unset[:5]}"] if unset else [])
+        raise CheckpointError(f"{weights}: does not match the recorded model and scheme: {'; '.join(parts)}")
+
+
 def load(directory: str | os.PathLike) -> nn.Module:
     """Rebuild a runnable quantized model (eval mode, CPU) from a checkpoint directory alone."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
     directory = Path(directory)
     meta = read_meta(directory)
     weights = directory / meta["weights"].get("file", WEIGHTS)
@@ -187,11 +241,7 @@ def load(directory: str | os.PathLike) -> nn.Module:
         src = model.get_submodule(t.name)
         n, k = (src.weight.shape[1], src.weight.shape[0]) if type(src).__name__ == "Conv1D" else src.weight.shape
         set_submodule(model, t.name, QuantLinear(k, n, t.spec, bias=src.bias is not None))
-    try:
-        load_model(model, str(weights), strict=True)
-    except (SafetensorError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0][:300]
-        raise CheckpointError(f"{weights}: does not match the recorded model and scheme: {first}") from None
+    _assign_weights(model, weights)
     model.zquant_info = {k: meta[k] for k in meta if k not in
                          ("format", "format_version", "source_config", "model_class", "weights", "torch_version")}
     from .fusion import auto_fuse
