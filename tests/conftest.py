@@ -95,3 +95,13 @@ def tiny_model_dir(tmp_path):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def cpu_extension():
+    """Skip on machines the CPU fast path does not support; elsewhere the extension must load."""
+    from zquant.kernels import build
+    reason = build.unsupported_reason()
+    if reason:
+        pytest.skip(f"CPU fast path not supported here: {reason}")
+    assert build.load() is None, build.load()

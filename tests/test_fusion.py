@@ -13,15 +13,10 @@ import torch
 import zquant
 from conftest import FAMILIES, make_tiny, sample_ids
 from zquant import fusion, kernels
-from zquant.kernels import build, cpu
+from zquant.kernels import cpu
 
 
-@pytest.fixture(scope="module", autouse=True)
-def extension():
-    reason = build.unsupported_reason()
-    if reason:
-        pytest.skip(f"CPU fast path not supported here: {reason}")
-    assert build.load() is None, build.load()
+pytestmark = pytest.mark.usefixtures("cpu_extension")
 
 
 def forward(model, ids):

@@ -28,12 +28,7 @@ from zquant.modules import QuantLinear
 SYM, ASYM, STATIC = ActQuant(), ActQuant(symmetric=False), ActQuant(mode="static")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def extension():
-    reason = build.unsupported_reason()
-    if reason:
-        pytest.skip(f"CPU fast path not supported here: {reason}")
-    assert build.load() is None, build.load()
+pytestmark = pytest.mark.usefixtures("cpu_extension")
 
 
 def make_layer(k: int, n: int, bits: int = 8, act: ActQuant = SYM, granularity: str = "row_group",

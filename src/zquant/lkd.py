@@ -47,7 +47,7 @@ from .io import atomic_file
 from .models import Adapter, get_adapter
 from .modules import FakeQuantLinear
 from .progress import Progress, _fmt
-from .surgery import Target, attach_info, calibrate_absmax, plan, set_submodule
+from .surgery import Target, attach_info, plan, set_submodule, static_absmax
 
 RESUME_FORMAT = "zquant-lkd-resume"
 RESUME_VERSION = 1
@@ -328,12 +328,7 @@ def distill(model: nn.Module, config: QuantConfig, lkd: LKDConfig = LKDConfig(),
     if lkd.data == data.DEFAULT_EVAL_TEXT:
         warnings.warn(f"LKD distills on {lkd.data!r}, the default evaluation text: its perplexity will be "
                       "optimistic", UserWarning, stacklevel=2)
-    static = [t.name for t in targets if t.spec.act.mode == "static"]
-    absmax: dict[str, Tensor] = {}
-    if static:
-        if calibration is None:
-            raise ValueError(f"scheme {config.name!r} uses static activation scales: pass calibration batches")
-        absmax = calibrate_absmax(model, static, calibration)
+    absmax = static_absmax(model, config, targets, calibration)
     ids = distillation_ids(lkd, tokenizer, model.get_input_embeddings().num_embeddings)
     blocks_name, blocks = adapter.find_blocks(model)
     per_block = [[t for t in targets if t.block == k] for k in range(len(blocks))]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from . import primitives as P
 from .config import ActQuant, LayerQuant, WeightQuant
 
@@ -127,8 +128,7 @@ class QuantLinear(nn.Module):
     # -- forward --------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
-        from .kernels import qlinear
-        return qlinear(self, x)
+        return kernels.qlinear(self, x)
 
     def extra_repr(self) -> str:
         w, a = self.spec.weight, self.spec.act

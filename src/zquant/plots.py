@@ -188,6 +188,15 @@ def _block_axis(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def _block_panel(ax, title: str, ylabel: str, grid: str = "major") -> None:
+    """Title, block x axis, y label, grid and the legend outside on the right: every per-block panel."""
+    ax.set_title(title, fontsize=10)
+    _block_axis(ax)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which=grid)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+
+
 def _times(value, _pos) -> str:
     return f"{value:g}×"
 
@@ -217,11 +226,7 @@ def range_summary(ranges_json: dict, cap: Caption) -> Figure:
         ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))   # ratios span 1x to ~1000x
         ax.yaxis.set_major_formatter(FuncFormatter(_times))
         ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.set_title(what, fontsize=10)
-        _block_axis(ax)
-        ax.set_ylabel("largest / median\n(×, log scale)")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+        _block_panel(ax, what, "largest / median\n(×, log scale)", grid="both")
     return fig
 
 
@@ -266,11 +271,7 @@ def layer_snr(snr: dict, cap: Caption) -> Figure:
         for rel, (xs, ys) in _by_layer(layers, key).items():
             ax.plot(xs, ys, marker="o", ms=3, lw=1, label=short[rel])
         _mark_worst(ax, layers, key, short)
-        ax.set_title(titles[key], fontsize=10)
-        _block_axis(ax)
-        ax.set_ylabel("SNR (dB)")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+        _block_panel(ax, titles[key], "SNR (dB)")
     return fig
 
 
@@ -294,11 +295,7 @@ def snr_overview(snrs: dict[str, dict], cap: Caption) -> Figure:
             xs, ys = _per_block_min(snr["layers"], key)
             out = "" if snr.get("output_db") is None else f" (final hidden states {snr['output_db']:.1f} dB)"
             ax.plot(xs, ys, marker="o", ms=3, lw=1, label=f"{scheme}{out}")
-        ax.set_title(titles[key], fontsize=10)
-        _block_axis(ax)
-        ax.set_ylabel("lowest layer SNR (dB)")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+        _block_panel(ax, titles[key], "lowest layer SNR (dB)")
     return fig
 
 
@@ -315,11 +312,8 @@ def lkd(blocks: list[dict], before: dict, after: dict, cap: Caption) -> Figure:
     ax.plot(xs, loss_after, marker="o", ms=3, color=AFTER_COLOR, label="after LKD")
     if min(loss_before + loss_after) > 0:
         ax.set_yscale("log")
-    ax.set_title("distillation loss of each block's output (as recorded by LKD)", fontsize=10)
-    _block_axis(ax)
-    ax.set_ylabel("block output loss\n(MSE, log scale)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    _block_panel(ax, "distillation loss of each block's output (as recorded by LKD)",
+                 "block output loss\n(MSE, log scale)", grid="both")
 
     names = [l["name"] for l in after["layers"]]
     lookup = {l["name"]: l for l in before["layers"]}

@@ -88,6 +88,17 @@ def calibrate_absmax(model: nn.Module, names: Iterable[str], batches: Iterable[d
     return stats
 
 
+def static_absmax(model: nn.Module, config: QuantConfig, targets: list[Target],
+                  calibration: Iterable[dict[str, Tensor]] | None) -> dict[str, Tensor]:
+    """``calibrate_absmax`` for the targets with static activation scales ({} if there are none)."""
+    static = [t.name for t in targets if t.spec.act.mode == "static"]
+    if not static:
+        return {}
+    if calibration is None:
+        raise ValueError(f"scheme {config.name!r} uses static activation scales: pass calibration batches")
+    return calibrate_absmax(model, static, calibration)
+
+
 def quantize_model(model: nn.Module, config: QuantConfig, calibration: Iterable[dict[str, Tensor]] | None = None,
                    adapter: Adapter | None = None) -> nn.Module:
     """Swap the model's block linear layers for `QuantLinear`s in place and return the model.
@@ -97,12 +108,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, calibration: Iterable[
     """
     adapter = adapter or get_adapter(model)
     targets = [t for t in plan(model, config, adapter) if t.spec.weight is not None]
-    static = [t.name for t in targets if t.spec.act.mode == "static"]
-    absmax: dict[str, Tensor] = {}
-    if static:
-        if calibration is None:
-            raise ValueError(f"scheme {config.name!r} uses static activation scales: pass calibration batches")
-        absmax = calibrate_absmax(model, static, calibration)
+    absmax = static_absmax(model, config, targets, calibration)
     for t in targets:
         set_submodule(model, t.name, QuantLinear.from_float(model.get_submodule(t.name), t.spec, absmax.get(t.name)))
     attach_info(model, config, adapter)
