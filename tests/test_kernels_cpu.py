@@ -262,6 +262,29 @@ def test_build_failure_is_reported_not_raised(monkeypatch, tmp_path):
     assert reason is not None and "error: simulated" in reason
 
 
+def test_corrupt_cached_library_is_rebuilt(monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    rebuilt = object()
+    calls = []
+
+    def fake_build(*args, **kwargs):
+        calls.append(kwargs)
+        return rebuilt
+
+    monkeypatch.setenv("ZQUANT_CACHE", str(tmp_path))
+    monkeypatch.setattr(build, "_state", {})
+    monkeypatch.setattr(build, "_modules", {})
+    monkeypatch.setattr(build, "unsupported_reason", lambda: None)
+    monkeypatch.setattr(cpp_extension, "load", fake_build)
+    library = build.build_dir() / f"{build.NAME}.so"
+    library.parent.mkdir(parents=True)
+    library.write_bytes(b"not an ELF file: half-written by an interrupted build")
+    assert build.load() is None
+    assert build.extension() is rebuilt and len(calls) == 1 and calls[0]["is_python_module"]
+    assert not library.exists()        # the corrupt file was removed before the rebuild
+
+
 def test_cpu_without_vnni_is_reported(monkeypatch):
     monkeypatch.setattr(build, "cpu_flags", lambda: {"avx2", "fma"})
     reason = build.unsupported_reason()

@@ -242,9 +242,9 @@ def unfuse(model: nn.Module) -> int:
 def auto_fuse(model: nn.Module) -> int:
     """`fuse` a quantized model if the CPU fast path will run it: the model is on the CPU, no
     backend is forced (``ZQUANT_BACKEND``), ``ZQUANT_FUSION`` is not 0, and the kernels build
-    (the first call may take ~20 s to compile them; the reason they cannot is warned once)."""
+    (the first call may take ~25 s to compile them; the reason they cannot is warned once)."""
     import os
-    if os.environ.get("ZQUANT_FUSION", "1") == "0" or os.environ.get("ZQUANT_BACKEND"):
+    if os.environ.get("ZQUANT_FUSION", "1") == "0" or kernels.ENV_BACKEND:
         return 0
     p = next(model.parameters(), None)
     if p is not None and p.device.type != "cpu":

@@ -6,7 +6,8 @@ runs it, and the reference backend, which supports everything, is the last resor
 preferred backend cannot be used for a reason other than the call's own shape or device, a
 warning says so once.
 
-`use_backend("reference")` forces one backend (tests and accuracy comparisons use it).
+`use_backend("reference")` forces one backend (tests and accuracy comparisons use it); so does
+the environment variable ``ZQUANT_BACKEND``, read when zquant is imported.
 
 Runtime fusions (`zquant.fusion`, never saved) reach the kernels through here too: a backend may
 offer fused operations in ``Backend.fused`` (``linear_act``, ``gated``, ``norm``), found with
@@ -44,6 +45,9 @@ _BACKENDS: dict[str, Backend] = {}
 _ORDER: list[Backend] = []          # by descending priority
 _forced = threading.local()
 _warned: set[str] = set()
+# The ZQUANT_BACKEND environment variable, read once, when zquant is imported: `select` runs on
+# every layer call, where os.environ.get alone would cost about half a microsecond.
+ENV_BACKEND: str | None = os.environ.get("ZQUANT_BACKEND") or None
 
 
 def register(backend: Backend) -> None:
@@ -89,7 +93,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 def select(module, x: Tensor) -> Backend:
     """The backend that `qlinear` would run for this call."""
-    forced = getattr(_forced, "name", None) or os.environ.get("ZQUANT_BACKEND") or None
+    forced = getattr(_forced, "name", None) or ENV_BACKEND
     if forced:
         backend = _BACKENDS.get(forced)
         if backend is None:

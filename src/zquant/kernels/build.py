@@ -4,20 +4,22 @@ The extension is compiled just in time with PyTorch's own tooling (`torch.utils.
 which needs a C++ compiler and ``ninja``) into ``$ZQUANT_CACHE/kernels/<key>`` (default
 ``~/.cache/zquant``), where the key hashes the sources, the compiler flags, and the torch and
 Python versions, so a later process (or a second machine sharing the home directory) loads the
-cached library in milliseconds and any change rebuilds it. The first build takes ~20 s on 2 cores.
+cached library in milliseconds and any change rebuilds it. The first build takes ~25 s on 2 cores.
 
-`load()` returns None when the operators are registered (``torch.ops.zquant_cpu.*``), or the
-reason they cannot be: the backend turns that into the one-time fallback warning.
+`load()` returns None when the extension (a Python module, `extension()`) is loaded, or the
+reason it cannot be: the backend turns that into the one-time fallback warning.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import platform
 import shutil
 import sys
 import threading
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -37,6 +39,7 @@ LDFLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()
 _state: dict[str, str | None] = {}
+_modules: dict[str, ModuleType] = {}
 
 
 def cpu_flags() -> set[str]:
@@ -90,16 +93,20 @@ def _build_and_load() -> str | None:
     library = out / f"{NAME}.so"
     if library.is_file():
         try:
-            torch.ops.load_library(str(library))
+            spec = importlib.util.spec_from_file_location(NAME, library)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            _modules[NAME] = module
             return None
-        except OSError:
+        except (OSError, ImportError):
             library.unlink(missing_ok=True)   # e.g. left half-written by an interrupted build: rebuild it
     try:
         from torch.utils import cpp_extension
         _find_ninja()
         out.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name=NAME, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
-                           extra_ldflags=LDFLAGS, build_directory=str(out), is_python_module=False, verbose=False)
+        _modules[NAME] = cpp_extension.load(name=NAME, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
+                                            extra_ldflags=LDFLAGS, build_directory=str(out), is_python_module=True,
+                                            verbose=False)
         return None
     except Exception as e:  # noqa: BLE001 -- any build or load failure means: use the reference path
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -115,3 +122,11 @@ def load() -> str | None:
             if NAME not in _state:
                 _state[NAME] = _build_and_load()
     return _state[NAME]
+
+
+def extension() -> ModuleType:
+    """The loaded extension module (its functions: ``quantize``, ``norm_quant``, ``linear``)."""
+    reason = load()
+    if reason is not None:
+        raise RuntimeError(f"zquant: the CPU kernels are unavailable: {reason}")
+    return _modules[NAME]

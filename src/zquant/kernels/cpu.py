@@ -3,9 +3,11 @@
 One call does what the reference does in many eager ops: token-wise quantization of the input
 (unless the producer of the input already did it, see below), the INT8 x INT8 -> INT32 GEMM
 against a prepacked weight, and the dequantizing epilogue (int32 x weight scale x token scale +
-bias, optionally followed by an activation), written once. Weights are prepacked on first use
-into ``module.kernel_cache["cpu"]`` (never saved; cleared when the weights change); INT4 weights
-stay packed two per byte and are unpacked inside the kernel, one cache-sized strip at a time.
+bias, optionally followed by an activation), applied to the accumulator registers and written
+once. The extension is a Python module (pybind11), called directly: through ``torch.ops`` each
+call would cost ~2 µs more. Weights are prepacked on first use into ``module.kernel_cache["cpu"]``
+(never saved; cleared when the weights change); INT4 weights stay packed two per byte and are
+unpacked inside the kernel, one cache-sized strip at a time.
 
 Fused quantization: an op that produces a linear layer's input (a normalization, a GEMM with an
 activation epilogue) can quantize its output in the same pass and attach the result to the float
@@ -27,7 +29,8 @@ Paths by shape (all inside one C++ call; measured in docs/benchmarks.md):
   split the output columns, each streaming only its part of the weight (decode is weight-
   bandwidth bound), after quantizing their share of the rows; micro-kernels of up to 6 rows x
   64 columns, with 2-4 interleaved accumulator sets when there are 1-3 rows so that one token
-  still keeps 16 VNNI chains busy.
+  still keeps 16 VNNI chains busy. With 8+ row blocks, the next weight strip is prefetched while
+  one strip runs (those weights come from L3 or DRAM).
 * More rows and a weight of at most 8 MB (L3-resident): the threads split the rows; each
   quantizes, multiplies and re-quantizes its own row blocks while they are in L2, with no barrier.
 * Tiny layers (M x N x K < 2^17) run on one thread: a fork/join would cost more.
@@ -53,24 +56,14 @@ _NO_QUANT = -1
 stats = {"reused": 0, "quantized": 0}
 
 
-class _Ops:
-    """The extension's operators, resolved once (``OpOverload``s: cheaper to call than packets)."""
-
-    def __init__(self):
-        reason = build.load()     # builds once
-        if reason is not None:
-            raise RuntimeError(f"zquant: the CPU kernels are unavailable: {reason}")
-        ns = torch.ops.zquant_cpu
-        self.linear, self.quantize, self.norm_quant = ns.linear.default, ns.quantize.default, ns.norm_quant.default
+_OPS = None
 
 
-_OPS: _Ops | None = None
-
-
-def _ops() -> _Ops:
+def _ops():
+    """The extension module (built or loaded on first use)."""
     global _OPS
     if _OPS is None:
-        _OPS = _Ops()
+        _OPS = build.extension()
     return _OPS
 
 
