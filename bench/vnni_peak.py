@@ -34,8 +34,9 @@ int main(int argc, char** argv) {
 #pragma omp parallel num_threads(threads)
     {
       const __m512i a = _mm512_set1_epi32(0x01010101), b = _mm512_set1_epi32(0x01010101);
-      __m512i c0 = a, c1 = a, c2 = a, c3 = a, c4 = a, c5 = a, c6 = a, c7 = a, c8 = a, c9 = a, c10 = a, c11 = a;
-      __m512i c12 = a, c13 = a, c14 = a, c15 = a, c16 = a, c17 = a, c18 = a, c19 = a, c20 = a, c21 = a, c22 = a, c23 = a;
+      __m512i c0 = a, c1 = a, c2 = a, c3 = a, c4 = a, c5 = a, c6 = a, c7 = a;
+      __m512i c8 = a, c9 = a, c10 = a, c11 = a, c12 = a, c13 = a, c14 = a, c15 = a;
+      __m512i c16 = a, c17 = a, c18 = a, c19 = a, c20 = a, c21 = a, c22 = a, c23 = a;
       for (long i = 0; i < iters; ++i) {
         DP(c0); DP(c1); DP(c2); DP(c3); DP(c4); DP(c5); DP(c6); DP(c7); DP(c8); DP(c9); DP(c10); DP(c11);
         DP(c12); DP(c13); DP(c14); DP(c15); DP(c16); DP(c17); DP(c18); DP(c19); DP(c20); DP(c21); DP(c22); DP(c23);
@@ -87,7 +88,8 @@ def shares(linear: dict, peak: float) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--linear", type=Path, help="bench_linear.py --json output: print each INT8 path's share of the peak")
+    ap.add_argument("--linear", type=Path,
+                    help="bench_linear.py --json output: print each INT8 path's share of the peak")
     args = ap.parse_args()
     if shutil.which("g++") is None:
         raise SystemExit("vnni_peak: needs g++ on PATH")

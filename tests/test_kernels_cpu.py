@@ -230,6 +230,25 @@ def test_attached_quantization_is_used_only_when_valid():
     assert torch.equal(cpu.linear(asym, z), reference.linear(asym, z))   # asks for another quantization
 
 
+def test_concurrent_calls_from_python_threads():
+    # The kernels release the GIL: calls from several Python threads overlap, each with its own
+    # scratch buffers and OpenMP team, and every result is still the reference's.
+    from concurrent.futures import ThreadPoolExecutor
+
+    layers = [make_layer(96, 80, seed=s) for s in range(3)] + [make_layer(96, 80, bits=4, seed=3)]
+    xs = [inputs(m, 96, seed=m) for m in (1, 7, 64, 200)]
+    jobs = [(layer, x) for layer in layers for x in xs] * 4
+
+    def run(job):
+        layer, x = job
+        return cpu.linear(layer, x)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(run, jobs))
+    for (layer, x), y in zip(jobs, results):
+        assert torch.equal(y, reference.linear(layer, x))
+
+
 # ---------------------------------------------------------------------------------------------
 # Fallback
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ bias, optionally followed by an activation), applied to the accumulator register
 once. The extension is a Python module (pybind11), called directly: through ``torch.ops`` each
 call would cost ~2 µs more. Weights are prepacked on first use into ``module.kernel_cache["cpu"]``
 (never saved; cleared when the weights change); INT4 weights stay packed two per byte and are
-unpacked inside the kernel, one cache-sized strip at a time.
+unpacked in registers inside the GEMM's inner loop.
 
 Fused quantization: an op that produces a linear layer's input (a normalization, a GEMM with an
 activation epilogue) can quantize its output in the same pass and attach the result to the float

@@ -500,19 +500,16 @@ static inline __m512i unpack64(const uint8_t* p) {
   return _mm512_sub_epi8(_mm512_xor_si512(w, eight), eight);   // sign-extend: (n ^ 8) - 8
 }
 
-// `nvec` INT4 weight vectors -> INT8 (a strip of consecutive tiles, into an L2-sized buffer).
-static void unpack_int4(const uint8_t* __restrict src, int64_t nvec, int8_t* __restrict dst) {
-  for (int64_t i = 0; i < nvec; ++i) _mm512_storeu_si512(dst + 64 * i, unpack64(src + 32 * i));
-}
-
 // Output rows m0 .. m0 + MR - 1 of tiles tile0 .. tile0 + NV - 1: sum_k A[r, k] * tile_v[k] over K4
 // groups of 4 k, then the epilogue. A is u8 with row stride lda; tile v starts at B + v * tile_bytes,
 // 64 bytes per k group.
 // PH independent accumulator sets walk interleaved k groups so that small MR still keeps
 // >= 16 vpdpbusd chains in flight (their latency would otherwise bound M = 1, 2).
 // MR * PH <= 6 "virtual rows" of NV <= 4 accumulators: at most 24 of the 32 zmm registers.
-// Q4: B holds INT4 tiles (32 bytes per k group), unpacked in registers: for a few rows, where the
-// kernel streams the weight once, this beats unpacking it to memory and reading it back.
+// Q4: B holds INT4 tiles (32 bytes per k group), unpacked in registers. The unpacking runs on the
+// vector ALUs beside the vpdpbusd chains; measured, it is never slower than unpacking a strip into
+// an L2 buffer once and reading it back (which it was up to M = 6), and 3-10% faster at M >= 128
+// on the 4096-wide shapes, where that buffer crowds the activations out of L2.
 // pf, npf: npf cache lines from pf are prefetched into L2, one per k step. The driver passes a
 // share of the next weight strip, so that the first row block of that strip does not stall on
 // memory (measured: 2-5% faster on the 4096-wide GEMMs at M = 128, whose weights come from L3 / DRAM).
@@ -582,8 +579,11 @@ static void micro(const uint8_t* __restrict A, int64_t lda, const int8_t* __rest
 #undef ZQ_FOLD
   if (__builtin_expect(g.gated, 0)) {
     alignas(64) __m512i acc[kMR * kMaxNV];
-#define ZQ_KEEP(r) \
-  if constexpr (MR > r) { acc[r * 4] = c##r##0; acc[r * 4 + 1] = c##r##1; acc[r * 4 + 2] = c##r##2; acc[r * 4 + 3] = c##r##3; }
+#define ZQ_KEEP(r)                                                                 \
+  if constexpr (MR > r) {                                                          \
+    acc[r * 4] = c##r##0, acc[r * 4 + 1] = c##r##1;                                \
+    acc[r * 4 + 2] = c##r##2, acc[r * 4 + 3] = c##r##3;                            \
+  }
     ZQ_KEEP(0) ZQ_KEEP(1) ZQ_KEEP(2) ZQ_KEEP(3) ZQ_KEEP(4) ZQ_KEEP(5)
 #undef ZQ_KEEP
     store_gated(g, m0, MR, tile0, NV, acc);
@@ -605,7 +605,7 @@ static constexpr MicroFn pick() {
 }
 
 #define ZQ_ROW_OF_KERNELS(MR, Q4) {pick<MR, 1, Q4>(), pick<MR, 2, Q4>(), pick<MR, 3, Q4>(), pick<MR, 4, Q4>()}
-// [int4 in registers][rows - 1][tiles - 1]
+// [int4][rows - 1][tiles - 1]
 static const MicroFn kMicro[2][kMR][kMaxNV] = {
     {ZQ_ROW_OF_KERNELS(1, false), ZQ_ROW_OF_KERNELS(2, false), ZQ_ROW_OF_KERNELS(3, false),
      ZQ_ROW_OF_KERNELS(4, false), ZQ_ROW_OF_KERNELS(5, false), ZQ_ROW_OF_KERNELS(6, false)},
@@ -617,9 +617,6 @@ static const MicroFn kMicro[2][kMR][kMaxNV] = {
 // ------------------------------------------------------------------------------------------
 // GEMM driver
 // ------------------------------------------------------------------------------------------
-
-// Per-thread INT4 unpack buffer.
-static thread_local std::vector<int8_t> tls_w8;
 
 // Rows per block: the activation block (MC x Kp bytes) and a weight strip stay in L2.
 static inline int64_t block_rows(int64_t Kp) {
@@ -637,27 +634,13 @@ static void gemm_part(const Gemm& g, int64_t u0, int64_t u1, int64_t m0, int64_t
   const int64_t unit_tiles = g.gated ? 2 : 1, strip_units = kMaxNV / unit_tiles;
   const int64_t MC = block_rows(g.K4 * 4);
   const int64_t packed_tile = g.K4 * (g.bits == 8 ? 64 : 32);     // bytes of one tile in g.W
-  std::vector<int8_t>& w8 = tls_w8;
-  if (g.bits == 4 && (int64_t)w8.size() < kMaxNV * g.K4 * 64) w8.resize(kMaxNV * g.K4 * 64);
+  const bool q4 = g.bits == 4;
   for (int64_t mc = m0; mc < m1; mc += MC) {
     const int64_t me = std::min(mc + MC, m1), blocks = (me - mc + kMR - 1) / kMR;
     for (int64_t u = u0; u < u1; u += strip_units) {
       const int64_t tile0 = u * unit_tiles;
       const int nv = (int)(std::min(strip_units, u1 - u) * unit_tiles);
-      // INT4: one micro-kernel block of rows unpacks in registers; more rows share a strip
-      // unpacked once into the L2-sized scratch buffer.
-      const bool in_regs = g.bits == 4 && me - mc <= kMR;
-      const int8_t* B;
-      int64_t tile_bytes = g.K4 * 64;
-      if (g.bits == 8) {
-        B = reinterpret_cast<const int8_t*>(g.W) + tile0 * g.K4 * 64;
-      } else if (in_regs) {
-        B = reinterpret_cast<const int8_t*>(g.W + tile0 * g.K4 * 32);
-        tile_bytes = g.K4 * 32;
-      } else {
-        unpack_int4(g.W + tile0 * g.K4 * 32, nv * g.K4, w8.data());
-        B = w8.data();
-      }
+      const int8_t* B = reinterpret_cast<const int8_t*>(g.W + tile0 * packed_tile);
       // The next strip (of this row block, else the first of the next one), shared out among
       // this strip's row blocks. Only where the GEMM is compute bound: with few row blocks it
       // streams the weight, and more requests in flight only compete with that stream (measured:
@@ -671,7 +654,7 @@ static void gemm_part(const Gemm& g, int64_t u0, int64_t u1, int64_t m0, int64_t
       for (int64_t m = mc, b = 0; m < me; m += kMR, ++b) {
         const int mr = (int)std::min<int64_t>(kMR, me - m);
         const int64_t first = std::min(lines, b * share), npf = std::min(lines, first + share) - first;
-        kMicro[in_regs][mr - 1][nv - 1](g.A + m * g.lda, g.lda, B, tile_bytes, g.K4, pf + 64 * first, npf, g, m, tile0);
+        kMicro[q4][mr - 1][nv - 1](g.A + m * g.lda, g.lda, B, packed_tile, g.K4, pf + 64 * first, npf, g, m, tile0);
       }
     }
   }
