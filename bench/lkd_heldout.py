@@ -43,7 +43,8 @@ def main() -> None:
     for fields in json.loads(args.configs):
         cfg = LKDConfig(**fields)
         held_cfg = LKDConfig(data=args.heldout, samples=16, seq_len=cfg.seq_len, batch_size=4)
-        inputs = L.capture_inputs(model, adapter, L.distillation_ids(cfg, tok, model.get_input_embeddings().num_embeddings), cfg.batch_size)
+        vocab = model.get_input_embeddings().num_embeddings
+        inputs = L.capture_inputs(model, adapter, L.distillation_ids(cfg, tok, vocab), cfg.batch_size)
         held = L.capture_inputs(model, adapter, L.distillation_ids(held_cfg, tok), 4)
         rows = []
         for k in range(chosen[-1] + 1):
@@ -55,8 +56,8 @@ def main() -> None:
                 L.train_block(student, inputs, out, cfg, k)
                 seconds = time.perf_counter() - t0
                 after = (L.mean_loss(student, inputs, out, "mse"), L.mean_loss(student, held, held_out, "mse"))
-                rows.append({"block": k, "train": round(after[0] / before[0], 3), "held": round(after[1] / before[1], 3),
-                             "seconds": round(seconds, 1)})
+                rows.append({"block": k, "train": round(after[0] / before[0], 3),
+                             "held": round(after[1] / before[1], 3), "seconds": round(seconds, 1)})
             # the next block's inputs are the float model's outputs, as in LKD
             inputs = [L.replace(b, hidden=t) for b, t in zip(inputs, out)]
             held = [L.replace(b, hidden=t) for b, t in zip(held, held_out)]

@@ -26,6 +26,17 @@ def own_seconds() -> float:
     return t.user + t.system
 
 
+class _Foreign:
+    """Cores other processes use from now until `cores()` is called."""
+
+    def __init__(self):
+        self.busy, self.own, self.wall = busy_seconds(), own_seconds(), time.perf_counter()
+
+    def cores(self) -> float:
+        wall = time.perf_counter() - self.wall
+        return max(0.0, ((busy_seconds() - self.busy) - (own_seconds() - self.own)) / wall)
+
+
 class Contention(RuntimeError):
     pass
 
@@ -42,13 +53,12 @@ def measure(fn: Callable[[], object], min_time: float = 0.3, min_calls: int = 5,
     best = None
     for attempt in range(retries):
         times = []
-        b0, o0, w0 = busy_seconds(), own_seconds(), time.perf_counter()
+        others = _Foreign()
         while len(times) < min_calls or sum(times) < min_time:
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
-        wall = time.perf_counter() - w0
-        foreign = max(0.0, ((busy_seconds() - b0) - (own_seconds() - o0)) / wall)
+        foreign = others.cores()
         result = {"median": statistics.median(times), "foreign": foreign, "calls": len(times)}
         if best is None or foreign < best["foreign"]:
             best = result
@@ -69,9 +79,9 @@ def wait_for_quiet(max_wait: float = 900.0, window: float = 3.0, log: Callable[[
     ``window``; returns the load seen last (above the limit if the wait timed out)."""
     deadline = time.monotonic() + max_wait
     while True:
-        b0, o0 = busy_seconds(), own_seconds()
+        others = _Foreign()
         time.sleep(window)
-        load = max(0.0, ((busy_seconds() - b0) - (own_seconds() - o0)) / window)
+        load = others.cores()
         if load <= FOREIGN_LIMIT or time.monotonic() > deadline:
             return load
         if log:

@@ -1,6 +1,6 @@
 """Runtime fusions (`zquant.fusion`) on tiny models of every family, against the reference path.
 
-Needs the C++ extension (built on first use, ~20 s once per machine; skipped on CPUs without
+Needs the C++ extension (built on first use, ~25 s once per machine; skipped on CPUs without
 AVX-512 VNNI). Fused models are compared with the same model on the reference backend, where the
 fused modules run their original PyTorch modules: the outputs must be bit-identical, fused or
 not (the fused ops reproduce torch's own float computations; see test_kernels_cpu.py).

@@ -1,6 +1,6 @@
 """The CPU fast path (`zquant.kernels.cpu`) against the reference path, on random inputs.
 
-These tests need the C++ extension: the first test to use it builds it (~20 s on 2 cores, once
+These tests need the C++ extension: the first test to use it builds it (~25 s on 2 cores, once
 per machine; it is cached under $ZQUANT_CACHE). On a CPU without AVX-512 VNNI they are skipped
 with the reason; a build failure on a capable CPU fails them.
 

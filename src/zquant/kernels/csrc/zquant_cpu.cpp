@@ -618,6 +618,9 @@ static const MicroFn kMicro[2][kMR][kMaxNV] = {
 // GEMM driver
 // ------------------------------------------------------------------------------------------
 
+// Bytes of one packed 16-row tile in g.W: K4 groups of 64 int8 values (INT4: 32 bytes).
+static inline int64_t packed_tile_bytes(const Gemm& g) { return g.K4 * (g.bits == 8 ? 64 : 32); }
+
 // Rows per block: the activation block (MC x Kp bytes) and a weight strip stay in L2.
 static inline int64_t block_rows(int64_t Kp) {
   return std::max<int64_t>(kMR, (524288 / std::max<int64_t>(Kp, 1)) / kMR * kMR);
@@ -633,7 +636,7 @@ constexpr int64_t kPrefetchBlocks = 8;
 static void gemm_part(const Gemm& g, int64_t u0, int64_t u1, int64_t m0, int64_t m1, bool prefetch) {
   const int64_t unit_tiles = g.gated ? 2 : 1, strip_units = kMaxNV / unit_tiles;
   const int64_t MC = block_rows(g.K4 * 4);
-  const int64_t packed_tile = g.K4 * (g.bits == 8 ? 64 : 32);     // bytes of one tile in g.W
+  const int64_t packed_tile = packed_tile_bytes(g);
   const bool q4 = g.bits == 4;
   for (int64_t mc = m0; mc < m1; mc += MC) {
     const int64_t me = std::min(mc + MC, m1), blocks = (me - mc + kMR - 1) / kMR;
@@ -687,7 +690,7 @@ static int64_t team_size(int64_t M, int64_t N, int64_t K) {
 static bool split_by_rows(const Gemm& g, int64_t nt) {
   if (nt == 1) return true;
   const int64_t units = g.gated ? g.ntiles / 2 : g.ntiles;
-  const int64_t weight_bytes = g.ntiles * kTile * g.K4 * (g.bits == 8 ? 4 : 2);
+  const int64_t weight_bytes = g.ntiles * packed_tile_bytes(g);
   if (units < 2 * nt) return g.M >= 2 * kMR * nt;
   return weight_bytes <= (8 << 20) && g.M >= 4 * kMR * nt;
 }
