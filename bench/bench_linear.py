@@ -2,6 +2,7 @@
 
     python bench/bench_linear.py                 # all shapes and token counts, 2 threads
     python bench/bench_linear.py --quick         # 576-wide shapes only
+    python bench/bench_linear.py --summarize a.json b.json ...   # the done-when ratios over several runs
 
 Every path maps float32 activations x [M, K] to float32 outputs [M, N] except `torch._int_mm`, which
 is given pre-quantized int8 inputs and returns int32: it is the GEMM alone, the limit for a
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import warnings
 from pathlib import Path
@@ -24,10 +26,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import FOREIGN_LIMIT, measure, wait_for_quiet  # noqa: E402
+from timing import FOREIGN_LIMIT, keep_freed_memory, measure, wait_for_quiet  # noqa: E402
 
 SHAPES = [(576, 576), (576, 1536), (1536, 576), (4096, 4096), (4096, 11008)]    # (K in, N out)
 TOKENS = [1, 16, 128, 512]
+FAULTS_LIMIT = 1        # minor page faults per call above which a cell is marked
 PATHS = ["fp32", "bf16", "int_mm", "zquant w8a8", "zquant w4/8a8", "quantize_dynamic", "torchao int8-dyn"]
 
 
@@ -95,11 +98,17 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--max-wait", type=float, default=300.0,
                     help="seconds to wait for a quiet machine before each token count (default 300)")
+    ap.add_argument("--summarize", type=Path, nargs="+", metavar="JSON",
+                    help="measure nothing: the w8a8 ratios of these --json runs, side by side")
     args = ap.parse_args()
+    if args.summarize:
+        print(summarize([json.loads(f.read_text()) for f in args.summarize]))
+        return
     torch.set_num_threads(args.threads)
-    # Raise glibc's dynamic mmap threshold first, so large temporaries are not mmap-ed and
-    # page-faulted on every call (research note: that alone can cost several x on small ops).
-    torch.empty(32 << 20, dtype=torch.uint8).fill_(0)   # allocated, touched and freed at once
+    # Before anything is allocated: no path may page-fault on every call (see timing.py).
+    malloc_note = keep_freed_memory()
+    if malloc_note:
+        print(f"# allocator left as it is ({malloc_note}): timings may include page faults", file=sys.stderr)
     from zquant.kernels import build
     reason = build.load()
     print(f"# zquant CPU kernels: {'ready' if reason is None else reason}", file=sys.stderr)
@@ -141,7 +150,8 @@ def main() -> None:
 
 def render(results: list[dict], threads: int) -> str:
     lines = [f"Times per call (median), and speed-up over FP32 in parentheses; {threads} threads. "
-             f"`*`: other processes used > {FOREIGN_LIMIT} cores during every attempt.", ""]
+             f"`*`: other processes used > {FOREIGN_LIMIT} cores during every attempt. "
+             f"`†`: more than {FAULTS_LIMIT} page faults per call.", ""]
     head = "| K x N (in x out) | M | " + " | ".join(PATHS) + " |"
     lines += [head, "|" + "---|" * (len(PATHS) + 2)]
     for row in results:
@@ -152,7 +162,7 @@ def render(results: list[dict], threads: int) -> str:
             if v is None:
                 cells.append("n/a")
                 continue
-            mark = "*" if v["foreign"] > FOREIGN_LIMIT else ""
+            mark = ("*" if v["foreign"] > FOREIGN_LIMIT else "") + ("†" if v.get("faults", 0) > FAULTS_LIMIT else "")
             cells.append(f"{fmt_time(v['median'])} ({fp / v['median']:.1f}x){mark}")
         lines.append(f"| {row['K']} x {row['N']} | {row['M']} | " + " | ".join(cells) + " |")
     lines += ["", "Done-when checks (zquant w8a8):", ""]
@@ -173,6 +183,35 @@ def render(results: list[dict], threads: int) -> str:
             lines.append(f"| {row['K']} x {row['N']} | 1 | | | | {ratio('fp32')} |")
     if _TORCHAO_REASON:
         lines += ["", f"torchao unavailable: {_TORCHAO_REASON} (pip install torchao)"]
+    return "\n".join(lines)
+
+
+def summarize(runs: list[dict]) -> str:
+    """zquant w8a8 against quantize_dynamic, _int_mm and torchao at M >= 128 in each run, and the
+    median over the runs: the ratio of two paths measured a second apart in one process is what
+    one run can vouch for; how it moves from run to run is what the machine does."""
+    def ratio(row: dict, other: str) -> float | None:
+        p = row["paths"]
+        return p[other]["median"] / p["zquant w8a8"]["median"] if p.get(other) else None
+
+    cells: dict[tuple, list[dict]] = {}
+    for run in runs:
+        for row in run["results"]:
+            if row["M"] >= 128:
+                cells.setdefault((row["K"], row["N"], row["M"]), []).append(row)
+    lines = [f"zquant w8a8 against quantize_dynamic (>= 1.2x) in each of {len(runs)} runs, the median, and the "
+             "lowest ratio against `_int_mm` (speed, >= 85%) and torchao (>= 2x) over the runs:", "",
+             "| K x N | M | " + " | ".join(f"run {i + 1}" for i in range(len(runs))) + " | median | runs >= 1.2x "
+             "| vs `_int_mm`, lowest | vs torchao, lowest |",
+             "|---|---|" + "---|" * (len(runs) + 4)]
+    for (k, n, m), rows in cells.items():
+        fb = [ratio(r, "quantize_dynamic") for r in rows]
+        fb = [v for v in fb if v is not None]
+        mm = [v for v in (ratio(r, "int_mm") for r in rows) if v is not None]
+        ao = [v for v in (ratio(r, "torchao int8-dyn") for r in rows) if v is not None]
+        lines.append(f"| {k} x {n} | {m} | " + " | ".join(f"{v:.2f}x" for v in fb)
+                     + f" | {statistics.median(fb):.2f}x | {sum(v >= 1.2 for v in fb)} of {len(fb)} | "
+                     + (f"{min(mm):.0%}" if mm else "n/a") + " | " + (f"{min(ao):.2f}x" if ao else "n/a") + " |")
     return "\n".join(lines)
 
 

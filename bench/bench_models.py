@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import FOREIGN_LIMIT, measure, wait_for_quiet  # noqa: E402
+from timing import FOREIGN_LIMIT, keep_freed_memory, measure, wait_for_quiet  # noqa: E402
 
 MODELS = ["smollm2-135m", "minilm-l6"]
 VARIANTS = ["fp32", "bf16", "w8a8", "w4/8a8", "quantize_dynamic"]
@@ -79,7 +79,7 @@ def rss_mb() -> float:
 
 def worker(model_name: str, variant: str, batch: int, seq: int, threads: int, max_wait: float) -> dict:
     torch.set_num_threads(threads)
-    torch.empty(32 << 20, dtype=torch.uint8).fill_(0)     # raise glibc's mmap threshold (see bench_linear)
+    keep_freed_memory()     # no variant page-faults on every call (see timing.py)
     model = build(model_name, variant).eval()
     decoder = hasattr(model, "generation_config") and model.config.model_type != "bert"
     g = torch.Generator().manual_seed(0)
@@ -131,7 +131,8 @@ def render(rows: list[dict]) -> str:
                      f"{fp['prefill_s'] / r['prefill_s']:.2f}x" if fp else ""]
             if dec:
                 star = "*" if r["decode_foreign"] > FOREIGN_LIMIT else ""
-                cells += [f"{r['decode_tok_s']:.1f}{star}", f"{r['decode_tok_s'] / fp['decode_tok_s']:.2f}x" if fp else ""]
+                ratio = f"{r['decode_tok_s'] / fp['decode_tok_s']:.2f}x" if fp else ""
+                cells += [f"{r['decode_tok_s']:.1f}{star}", ratio]
             cells += [f"{r['peak_rss_mb']:.0f} MB", f"{r['rss_mb']:.0f} MB"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
@@ -165,7 +166,8 @@ def main() -> None:
             if proc.returncode != 0:
                 raise SystemExit(f"{model_name} {variant} failed:\n{proc.stderr[-3000:]}")
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(f"# {model_name} {variant}: {rows[-1]} ({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
+            print(f"# {model_name} {variant}: {rows[-1]} ({time.perf_counter() - t:.0f} s)",
+                  file=sys.stderr, flush=True)
     print(render(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

@@ -1,13 +1,15 @@
 """Timing helpers shared by the benchmarks: medians over >= 0.1 s intervals, re-measured while
-other processes use the CPU (the machines are shared; see docs/benchmarks.md)."""
+other processes use the CPU (the machines are shared; see docs/benchmarks.md), with glibc's
+allocator set so that no path page-faults on every call (`keep_freed_memory`)."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import resource
 import statistics
 import time
 from typing import Callable
-
-import torch
 
 HZ = os.sysconf("SC_CLK_TCK")
 FOREIGN_LIMIT = 0.15     # cores used by other processes during a measurement, at most
@@ -41,25 +43,53 @@ class Contention(RuntimeError):
     pass
 
 
+def keep_freed_memory() -> str | None:
+    """Set glibc's malloc so that freed blocks stay in the process: None, or why it could not.
+
+    By default glibc adjusts its mmap and trim thresholds as blocks come and go, so whether a
+    4 MB temporary is served from the heap or mmap-ed afresh (about 1,000 page faults, 2-3x the
+    time of a 576 x 1536 layer) depends on what the process allocated before: measured, the same
+    `quantize_dynamic` layer took 0.58 ms in most fresh processes and 1.5-2.1 ms in 6 of 27.
+    Fixed thresholds make every path's timing independent of what ran before it.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return f"no glibc mallopt in {name!r}"
+    m_trim_threshold, m_mmap_threshold = -1, -3          # glibc's malloc.h
+    # 32 MB is the largest mmap threshold glibc accepts; blocks below it come from the heap, which
+    # is never trimmed (1 GB) while the benchmark runs.
+    if mallopt(m_mmap_threshold, 32 << 20) != 1 or mallopt(m_trim_threshold, 1 << 30) != 1:
+        return "mallopt refused the thresholds"
+    return None
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def measure(fn: Callable[[], object], min_time: float = 0.3, min_calls: int = 5, warmup: int = 3,
             retries: int = 6, wait: float = 2.0, log: Callable[[str], None] | None = None) -> dict:
     """Median seconds per call of ``fn``; repeated while foreign CPU use exceeds FOREIGN_LIMIT.
 
-    Returns {"median", "foreign" (cores used by others), "calls"}; ``foreign`` above the limit
-    means every retry was disturbed (reported, not hidden).
+    Returns {"median", "foreign" (cores used by others), "calls", "faults" (minor page faults per
+    call)}; ``foreign`` above the limit means every retry was disturbed (reported, not hidden).
     """
     for _ in range(warmup):
         fn()
     best = None
     for attempt in range(retries):
         times = []
-        others = _Foreign()
+        others, faults = _Foreign(), minor_faults()
         while len(times) < min_calls or sum(times) < min_time:
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
-        foreign = others.cores()
-        result = {"median": statistics.median(times), "foreign": foreign, "calls": len(times)}
+        foreign, faults = others.cores(), (minor_faults() - faults) / len(times)
+        result = {"median": statistics.median(times), "foreign": foreign, "calls": len(times), "faults": faults}
         if best is None or foreign < best["foreign"]:
             best = result
         if foreign <= FOREIGN_LIMIT:
@@ -68,10 +98,6 @@ def measure(fn: Callable[[], object], min_time: float = 0.3, min_calls: int = 5,
             log(f"  contention: others used {foreign:.2f} cores; re-measuring")
         time.sleep(wait * (attempt + 1))
     return best
-
-
-def setup_threads(n: int = 2) -> None:
-    torch.set_num_threads(n)
 
 
 def wait_for_quiet(max_wait: float = 900.0, window: float = 3.0, log: Callable[[str], None] | None = None) -> float:

@@ -13,6 +13,7 @@ rounding would turn a 1-ulp difference into a visible one (see docs/benchmarks.m
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -228,6 +229,17 @@ def test_attached_quantization_is_used_only_when_valid():
     asym = make_layer(64, 32, act=ASYM)
     z = cpu.norm(x, torch.ones(64), None, 1e-6, "rms", SYM)
     assert torch.equal(cpu.linear(asym, z), reference.linear(asym, z))   # asks for another quantization
+
+
+def test_attached_asymmetric_quantization_is_used():
+    layer = make_layer(300, 40, act=ASYM)
+    x = inputs(9, 300)
+    qa = cpu.quantize(x, ASYM)
+    assert len(set(qa.offset.tolist())) > 1                  # a zero point (offset) per row
+    setattr(x, cpu.ATTR, dataclasses.replace(qa, version=x._version))
+    before = cpu.stats["reused"]
+    assert torch.equal(cpu.linear(layer, x), reference.linear(layer, x))
+    assert cpu.stats["reused"] == before + 1
 
 
 def test_concurrent_calls_from_python_threads():
