@@ -242,6 +242,17 @@ def test_attached_asymmetric_quantization_is_used():
     assert cpu.stats["reused"] == before + 1
 
 
+def test_kernels_are_named_in_torch_profiler():
+    layer = make_layer(64, 32)
+    x = inputs(6, 64)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = cpu.norm(x, torch.ones(64), None, 1e-6, "rms", SYM)
+        out = cpu.linear(layer, y)
+    names = {e.key for e in prof.key_averages()}
+    assert {"zquant::norm_quant", "zquant::linear"} <= names
+    assert torch.equal(out, reference.linear(layer, y))
+
+
 def test_concurrent_calls_from_python_threads():
     # The kernels release the GIL: calls from several Python threads overlap, each with its own
     # scratch buffers and OpenMP team, and every result is still the reference's.

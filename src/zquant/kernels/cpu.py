@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd import profiler as _autograd_profiler
 
 from ..config import ActQuant
 from . import Backend, build, register
@@ -65,6 +66,20 @@ def _ops():
     if _OPS is None:
         _OPS = build.extension()
     return _OPS
+
+
+def _kernel(name: str, *args):
+    """``_ops().<name>(*args)``, named ``zquant::<name>`` in torch.profiler's tables while it records.
+
+    The extension is a plain Python module, which the profiler does not see by itself: without the
+    label a profile of a quantized model would show its attention and elementwise ops but not the
+    GEMMs. The check is the global that torch keeps for exactly this, one attribute read per call.
+    """
+    fn = getattr(_ops(), name)
+    if getattr(_autograd_profiler, "_is_profiler_enabled", False):
+        with torch.profiler.record_function(f"zquant::{name}"):
+            return fn(*args)
+    return fn(*args)
 
 
 @dataclass(frozen=True)
@@ -232,12 +247,12 @@ def _run(module, p: PackedWeight, x: Tensor, act: int, out: ActQuant | None) -> 
         qa = attached(x, spec)
     if qa is None:
         stats["quantized"] += 1
-        outs = _ops().linear(x2, None, None, None, amode, static_scale, p.wpack, p.wsum, p.wscale, p.wbias,
-                             p.bits, p.n, act, p.gated, _out_mode(out))
+        outs = _kernel("linear", x2, None, None, None, amode, static_scale, p.wpack, p.wsum, p.wscale, p.wbias,
+                       p.bits, p.n, act, p.gated, _out_mode(out))
     else:
         stats["reused"] += 1
-        outs = _ops().linear(x2, qa.u, qa.scale, qa.offset, amode, static_scale, p.wpack, p.wsum, p.wscale,
-                             p.wbias, p.bits, p.n, act, p.gated, _out_mode(out))
+        outs = _kernel("linear", x2, qa.u, qa.scale, qa.offset, amode, static_scale, p.wpack, p.wsum, p.wscale,
+                       p.wbias, p.bits, p.n, act, p.gated, _out_mode(out))
     return _attach(outs[0], outs, out)
 
 
@@ -261,14 +276,14 @@ def norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, kind
          out: ActQuant | None) -> Tensor:
     """RMSNorm (``kind="rms"``, Llama's) or LayerNorm over the last dim, quantized for the consumers."""
     x2 = x.detach() if x.requires_grad else x
-    outs = _ops().norm_quant(x2.contiguous(), weight, bias, float(eps), NORM_CODES[kind], _out_mode(out))
+    outs = _kernel("norm_quant", x2.contiguous(), weight, bias, float(eps), NORM_CODES[kind], _out_mode(out))
     return _attach(outs[0], outs, out)
 
 
 def quantize(x: Tensor, act: ActQuant, static_scale: float = 0.0) -> QuantizedActivation:
     """Token-wise (or static) quantization of ``x`` [M, K] in the kernel's format (tests, benchmarks)."""
     mode = 2 if act.mode == "static" else (0 if act.symmetric else 1)
-    u, s, o = _ops().quantize(x.contiguous(), mode, float(static_scale))
+    u, s, o = _kernel("quantize", x.contiguous(), mode, float(static_scale))
     return QuantizedActivation(u, s, o, act.symmetric, None)
 
 
