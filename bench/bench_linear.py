@@ -106,9 +106,7 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     # Before anything is allocated: no path may page-fault on every call (see timing.py).
-    malloc_note = keep_freed_memory()
-    if malloc_note:
-        print(f"# allocator left as it is ({malloc_note}): timings may include page faults", file=sys.stderr)
+    keep_freed_memory()
     from zquant.kernels import build
     reason = build.load()
     print(f"# zquant CPU kernels: {'ready' if reason is None else reason}", file=sys.stderr)
@@ -148,6 +146,12 @@ def main() -> None:
                                          "results": results}, indent=1))
 
 
+def speedup(row: dict, other: str) -> float | None:
+    """How many times faster zquant w8a8 ran than path ``other`` in this cell (None: not measured)."""
+    p = row["paths"]
+    return p[other]["median"] / p["zquant w8a8"]["median"] if p.get(other) else None
+
+
 def render(results: list[dict], threads: int) -> str:
     lines = [f"Times per call (median), and speed-up over FP32 in parentheses; {threads} threads. "
              f"`*`: other processes used > {FOREIGN_LIMIT} cores during every attempt. "
@@ -169,13 +173,11 @@ def render(results: list[dict], threads: int) -> str:
     lines += ["| K x N | M | vs `_int_mm` alone (speed, >= 85%) | vs quantize_dynamic (>= 1.2x) | "
               "vs torchao (>= 2x) | vs FP32 at M=1 (>= 1x) |", "|---|---|---|---|---|---|"]
     for row in results:
-        z = row["paths"]["zquant w8a8"]["median"]
-        p = row["paths"]
-
         def ratio(name, inverse=False):
-            if p.get(name) is None:
+            r = speedup(row, name)
+            if r is None:
                 return "n/a"
-            return f"{p[name]['median'] / z * 100:.0f}%" if inverse else f"{p[name]['median'] / z:.2f}x"
+            return f"{r * 100:.0f}%" if inverse else f"{r:.2f}x"
         if row["M"] >= 128:
             lines.append(f"| {row['K']} x {row['N']} | {row['M']} | {ratio('int_mm', True)} | "
                          f"{ratio('quantize_dynamic')} | {ratio('torchao int8-dyn')} | |")
@@ -190,10 +192,6 @@ def summarize(runs: list[dict]) -> str:
     """zquant w8a8 against quantize_dynamic, _int_mm and torchao at M >= 128 in each run, and the
     median over the runs: the ratio of two paths measured a second apart in one process is what
     one run can vouch for; how it moves from run to run is what the machine does."""
-    def ratio(row: dict, other: str) -> float | None:
-        p = row["paths"]
-        return p[other]["median"] / p["zquant w8a8"]["median"] if p.get(other) else None
-
     cells: dict[tuple, list[dict]] = {}
     for run in runs:
         for row in run["results"]:
@@ -205,10 +203,8 @@ def summarize(runs: list[dict]) -> str:
              "| vs `_int_mm`, lowest | vs torchao, lowest |",
              "|---|---|" + "---|" * (len(runs) + 4)]
     for (k, n, m), rows in cells.items():
-        fb = [ratio(r, "quantize_dynamic") for r in rows]
-        fb = [v for v in fb if v is not None]
-        mm = [v for v in (ratio(r, "int_mm") for r in rows) if v is not None]
-        ao = [v for v in (ratio(r, "torchao int8-dyn") for r in rows) if v is not None]
+        fb, mm, ao = ([v for v in (speedup(r, other) for r in rows) if v is not None]
+                      for other in ("quantize_dynamic", "int_mm", "torchao int8-dyn"))
         lines.append(f"| {k} x {n} | {m} | " + " | ".join(f"{v:.2f}x" for v in fb)
                      + f" | {statistics.median(fb):.2f}x | {sum(v >= 1.2 for v in fb)} of {len(fb)} | "
                      + (f"{min(mm):.0%}" if mm else "n/a") + " | " + (f"{min(ao):.2f}x" if ao else "n/a") + " |")

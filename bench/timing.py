@@ -8,6 +8,7 @@ import ctypes.util
 import os
 import resource
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -39,12 +40,8 @@ class _Foreign:
         return max(0.0, ((busy_seconds() - self.busy) - (own_seconds() - self.own)) / wall)
 
 
-class Contention(RuntimeError):
-    pass
-
-
-def keep_freed_memory() -> str | None:
-    """Set glibc's malloc so that freed blocks stay in the process: None, or why it could not.
+def keep_freed_memory() -> bool:
+    """Set glibc's malloc so that freed blocks stay in the process; says on stderr if it cannot.
 
     By default glibc adjusts its mmap and trim thresholds as blocks come and go, so whether a
     4 MB temporary is served from the heap or mmap-ed afresh (about 1,000 page faults, 2-3x the
@@ -54,16 +51,18 @@ def keep_freed_memory() -> str | None:
     """
     name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(name).mallopt
     except (OSError, AttributeError, TypeError):
-        return f"no glibc mallopt in {name!r}"
-    m_trim_threshold, m_mmap_threshold = -1, -3          # glibc's malloc.h
-    # 32 MB is the largest mmap threshold glibc accepts; blocks below it come from the heap, which
-    # is never trimmed (1 GB) while the benchmark runs.
-    if mallopt(m_mmap_threshold, 32 << 20) != 1 or mallopt(m_trim_threshold, 1 << 30) != 1:
-        return "mallopt refused the thresholds"
-    return None
+        reason = f"no glibc mallopt in {name!r}"
+    else:
+        m_trim_threshold, m_mmap_threshold = -1, -3          # glibc's malloc.h
+        # 32 MB is the largest mmap threshold glibc accepts; blocks below it come from the heap,
+        # which is never trimmed (1 GB) while the benchmark runs.
+        if mallopt(m_mmap_threshold, 32 << 20) == 1 and mallopt(m_trim_threshold, 1 << 30) == 1:
+            return True
+        reason = "mallopt refused the thresholds"
+    print(f"# allocator left as it is ({reason}): timings may include page faults", file=sys.stderr)
+    return False
 
 
 def minor_faults() -> int:
