@@ -166,6 +166,9 @@ def main() -> None:
             if proc.returncode != 0:
                 raise SystemExit(f"{model_name} {variant} failed:\n{proc.stderr[-3000:]}")
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            for line in proc.stderr.splitlines():      # the worker's notes, e.g. an allocator left as it is
+                if line.startswith("# "):
+                    print(line, file=sys.stderr)
             print(f"# {model_name} {variant}: {rows[-1]} ({time.perf_counter() - t:.0f} s)",
                   file=sys.stderr, flush=True)
     print(render(rows))
