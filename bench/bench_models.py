@@ -44,8 +44,9 @@ VARIANTS = ["fp32", "bf16", "w8a8", "w4/8a8", "quantize_dynamic"]
 def checkpoint(model_name: str, scheme: str) -> Path:
     """The saved zquant checkpoint of ``model_name`` quantized with ``scheme`` (made once)."""
     import zquant
-    from zquant.sources import cache_dir
-    path = cache_dir() / "bench" / f"{model_name}-{scheme.replace('/', '_')}"
+    from zquant.config import file_stem
+    from zquant.fsutil import cache_root
+    path = cache_root() / "bench" / f"{model_name}-{file_stem(scheme)}"
     if not (path / "zquant.json").exists():
         zquant.save(zquant.quantize(zquant.load(model_name), scheme), path)
     return path
@@ -53,14 +54,14 @@ def checkpoint(model_name: str, scheme: str) -> Path:
 
 def build(model_name: str, variant: str):
     import zquant
-    from zquant.surgery import plan
+    from zquant.plan import make_plan
     if variant in ("w8a8", "w4/8a8"):
         return zquant.load(checkpoint(model_name, variant))
     model = zquant.load(model_name)
     if variant == "bf16":
         return model.to(torch.bfloat16)
     if variant == "quantize_dynamic":
-        names = [t.name for t in plan(model, zquant.get_scheme("w8a8"))]
+        names = [t.name for t in make_plan(model, zquant.get_scheme("w8a8")).layers]
         torch.backends.quantized.engine = "fbgemm"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -4,7 +4,7 @@
     python bench/lkd_heldout.py --model minilm-l6 --blocks 1,3,5 --configs '[{}]'
 
 For each LKD configuration (JSON objects of `LKDConfig` fields; missing fields take the
-defaults), every selected block is distilled exactly as `zquant.lkd` does it (float inputs from
+defaults), every selected block is distilled exactly as `zquant.algorithms.lkd` does it (float inputs from
 the original model, the same student, optimizer and schedule), and its MSE is measured before
 and after on the distillation set ("train") and on 16 sequences of a held-out text ("held").
 Prints one line per configuration: the ratio after / before per block, and its mean over blocks
@@ -18,10 +18,16 @@ import json
 import time
 
 import zquant
-from zquant import lkd as L
+from dataclasses import replace
+
+from zquant.algorithms import lkd as L
 from zquant.config import LKDConfig, get_scheme
-from zquant.models import get_adapter
-from zquant.surgery import plan
+from zquant.pipeline import capture_inputs, run_block
+from zquant.plan import make_plan
+
+
+def batches(ids, size: int) -> list[dict]:
+    return [{"input_ids": ids[i:i + size]} for i in range(0, ids.shape[0], size)]
 
 
 def main() -> None:
@@ -34,9 +40,8 @@ def main() -> None:
     args = ap.parse_args()
 
     model, tok = zquant.load(args.model), zquant.load_tokenizer(args.model)
-    adapter, scheme = get_adapter(model), get_scheme(args.scheme)
-    targets = [t for t in plan(model, scheme, adapter) if t.spec.weight is not None]
-    _, blocks = adapter.find_blocks(model)
+    plan = make_plan(model, get_scheme(args.scheme))
+    blocks = plan.blocks(model)
     chosen = sorted({int(b) for b in args.blocks.split(",")})
     if chosen[-1] >= len(blocks):
         raise SystemExit(f"--blocks: the model has {len(blocks)} blocks")
@@ -44,13 +49,13 @@ def main() -> None:
         cfg = LKDConfig(**fields)
         held_cfg = LKDConfig(data=args.heldout, samples=16, seq_len=cfg.seq_len, batch_size=4)
         vocab = model.get_input_embeddings().num_embeddings
-        inputs = L.capture_inputs(model, adapter, L.distillation_ids(cfg, tok, vocab), cfg.batch_size)
-        held = L.capture_inputs(model, adapter, L.distillation_ids(held_cfg, tok), 4)
+        inputs = capture_inputs(model, plan, batches(L.distillation_ids(cfg, tok, vocab), cfg.batch_size))
+        held = capture_inputs(model, plan, batches(L.distillation_ids(held_cfg, tok), 4))
         rows = []
         for k in range(chosen[-1] + 1):
-            out, held_out = L.run_block(blocks[k], inputs), L.run_block(blocks[k], held)
+            out, held_out = run_block(blocks[k], inputs), run_block(blocks[k], held)
             if k in chosen:
-                student = L.make_student(blocks[k], [t for t in targets if t.block == k], {})
+                student = L.make_student(blocks[k], plan.block_layers(k), {})
                 before = (L.mean_loss(student, inputs, out, "mse"), L.mean_loss(student, held, held_out, "mse"))
                 t0 = time.perf_counter()
                 L.train_block(student, inputs, out, cfg, k)
@@ -59,8 +64,8 @@ def main() -> None:
                 rows.append({"block": k, "train": round(after[0] / before[0], 3),
                              "held": round(after[1] / before[1], 3), "seconds": round(seconds, 1)})
             # the next block's inputs are the float model's outputs, as in LKD
-            inputs = [L.replace(b, hidden=t) for b, t in zip(inputs, out)]
-            held = [L.replace(b, hidden=t) for b, t in zip(held, held_out)]
+            inputs = [replace(b, hidden=t) for b, t in zip(inputs, out)]
+            held = [replace(b, hidden=t) for b, t in zip(held, held_out)]
         mean = sum(r["held"] for r in rows) / len(rows)
         print(json.dumps(fields), f"mean held ratio {mean:.3f}", json.dumps(rows), flush=True)
 

@@ -9,7 +9,7 @@ from zquant import kernels, quantize
 from zquant.config import get_scheme
 from zquant.models import REGISTRY, UnsupportedModelError, generic_adapter, get_adapter
 from zquant.modules import QuantLinear
-from zquant.surgery import plan
+from zquant.plan import make_plan
 
 EXPECTED = {  # family -> (layers per block, of which MLP)
     "llama": (7, 3), "bert": (6, 2), "gpt2": (4, 2), "opt": (6, 2), "gpt_neox": (4, 2), "gptj": (6, 2),
@@ -25,7 +25,7 @@ def test_adapter_finds_every_block_linear(tiny_family):
     model = make_tiny(tiny_family)
     adapter = get_adapter(model)
     assert not adapter.name.startswith("generic")
-    targets = plan(model, get_scheme("w4/8a8"))
+    targets = make_plan(model, get_scheme("w4/8a8")).layers
     per_block, mlp = EXPECTED[tiny_family]
     assert len(targets) == 2 * per_block
     assert sum(t.role == "mlp" for t in targets) == 2 * mlp
@@ -67,7 +67,7 @@ def test_generic_fallback_finds_blocks_of_an_unknown_family():
     model.config.model_type = "my-llama-fork"
     adapter = get_adapter(model)
     assert adapter.name == "generic:my-llama-fork" and adapter.kind == "decoder"
-    roles = {t.relative: t.role for t in plan(model, get_scheme("w4/8a8"), adapter)}
+    roles = {t.relative: t.role for t in make_plan(model, get_scheme("w4/8a8"), adapter).layers}
     assert roles["mlp.down_proj"] == "mlp" and roles["self_attn.q_proj"] == "attention"
 
 

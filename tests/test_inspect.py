@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import zquant
-from zquant import inspect as I
+from zquant import analysis as I
 from zquant.modules import QuantLinear
 
 from conftest import make_tiny, sample_ids

@@ -6,8 +6,9 @@ import torch
 
 import zquant
 from conftest import make_tiny, sample_ids
-from zquant import io, kernels
-from zquant.io import CheckpointError
+from zquant import checkpoint, kernels
+from zquant.checkpoint import CheckpointError
+from zquant.fsutil import sha256
 from zquant.modules import QuantLinear
 
 
@@ -95,7 +96,7 @@ def test_tampered_weights(saved):
 def test_missing_and_broken_metadata(saved, tmp_path):
     _, path = saved
     with pytest.raises(CheckpointError, match="not a directory"):
-        io.load(tmp_path / "nope")
+        checkpoint.load(tmp_path / "nope")
     (path / "zquant.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         zquant.load(path)
@@ -127,7 +128,7 @@ def test_a_weights_file_with_missing_or_extra_tensors_is_refused(saved, change, 
         state["extra"] = torch.zeros(3)
     save_file(state, str(f))
     meta = json.loads((path / "zquant.json").read_text())
-    meta["weights"].update(sha256=io.sha256(f), bytes=f.stat().st_size)
+    meta["weights"].update(sha256=sha256(f), bytes=f.stat().st_size)
     (path / "zquant.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=message):
         zquant.load(path)

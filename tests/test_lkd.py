@@ -8,11 +8,13 @@ from torch import nn
 
 import zquant
 from conftest import make_tiny, tiny_tokenizer
-from zquant import io, kernels, lkd as L
+from zquant import checkpoint, kernels
+from zquant.resume import PROGRESS_FILE
+from zquant.algorithms import lkd as L
 from zquant.config import ActQuant, ConfigError, LayerQuant, LKDConfig, PRESETS, WeightQuant
 from zquant.models import get_adapter
 from zquant.modules import FakeQuantLinear, QuantLinear
-from zquant.surgery import plan
+from zquant.plan import make_plan
 
 # Tiny random models (weights of std 0.02) want a small step; 3e-5 lowers the loss in every family.
 FAST = LKDConfig(data="random", samples=8, seq_len=24, steps=16, batch_size=2, lr=3e-5)
@@ -20,7 +22,7 @@ FAST = LKDConfig(data="random", samples=8, seq_len=24, steps=16, batch_size=2, l
 
 def state_bytes(model, tmp_path, name):
     """Bytes of the model's saved weights file."""
-    return (io.save(model, tmp_path / name) / io.WEIGHTS).read_bytes()
+    return (checkpoint.save(model, tmp_path / name) / checkpoint.WEIGHTS).read_bytes()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -167,7 +169,7 @@ def test_text_data_and_static_scheme_and_saved_record(tmp_path):
     zquant.quantize(model, "w8a8-static", calibration=calibration, tokenizer=tok, lkd=cfg, quiet=True)
     assert model.zquant_info["calibration"] == {"text": "user batches"}
     out = zquant.save(model, tmp_path / "q", tok)
-    meta = json.loads((out / io.META).read_text())
+    meta = json.loads((out / checkpoint.META).read_text())
     assert meta["lkd"]["settings"] == cfg.to_dict() and len(meta["lkd"]["blocks"]) == 2
     loaded = zquant.load(out)
     ids = torch.randint(0, 300, (2, 16))
@@ -186,7 +188,7 @@ def test_every_family_and_preset_runs(family, scheme):
     cfg = LKDConfig(data="random", samples=2, seq_len=12, steps=2, batch_size=2, lr=1e-3)
     zquant.quantize(model, scheme, calibration=calibration, lkd=cfg, quiet=True)
     assert all(isinstance(model.get_submodule(t.name), QuantLinear)
-               for t in plan(model, PRESETS[scheme]) if t.spec.weight is not None)
+               for t in make_plan(model, PRESETS[scheme]).layers if t.spec.weight is not None)
     out = model(input_ids=torch.randint(0, 211, (1, 10)))
     hidden = out.logits if hasattr(out, "logits") else out.last_hidden_state
     assert torch.isfinite(hidden).all()
@@ -213,7 +215,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, monkeypatch):
     monkeypatch.setattr(L, "train_block", interrupted_train)
     with pytest.raises(KeyboardInterrupt):
         zquant.quantize(make_tiny("gptj"), "w4/8a8", lkd=cfg, lkd_resume=resume, quiet=True)
-    progress = json.loads((resume / L.PROGRESS_FILE).read_text())
+    progress = json.loads((resume / PROGRESS_FILE).read_text())
     assert [b["block"] for b in progress["blocks"]] == [0] and (resume / "block-0000.safetensors").is_file()
 
     calls.clear()
@@ -254,7 +256,7 @@ def test_cli_quantize_with_lkd_and_bad_options(tiny_model_dir, tmp_path, capsys)
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "lkd block 2/2: loss" in captured.err and "left" in captured.err and "peak RSS" in captured.err
-    meta = json.loads((out / io.META).read_text())
+    meta = json.loads((out / checkpoint.META).read_text())
     assert meta["lkd"]["settings"]["steps"] == 3 and meta["lkd"]["settings"]["data"] == "random"
     assert not (tmp_path / "q.lkd-resume").exists()          # the default resume folder goes once saved
 
@@ -268,13 +270,15 @@ def test_cli_quantize_with_lkd_and_bad_options(tiny_model_dir, tmp_path, capsys)
 def test_fake_quantizers_equal_quantize_then_dequantize():
     """The in-place fake quantizers give exactly the reference integers times the scales."""
     from zquant import primitives as P
+    from zquant.config import WeightQuant
     torch.manual_seed(0)
     w = torch.randn(40, 24) * torch.linspace(0.1, 3, 40)[:, None]
     w[3] = 0.0                                                # an all-zero group
     for bits, gran, groups in ((4, "row_group", 6), (8, "row", None), (4, "input_group", None)):
-        s = P.weight_scales(w, bits, gran, groups, 8)
-        ref = P.dequantize_weight(P.quantize_weight(w, s, bits, gran, groups, 8), s, gran, groups, 8)
-        assert torch.equal(P.fake_quantize_weight(w, bits, gran, groups, 8), ref)
+        spec = WeightQuant(bits, gran, groups, 8)
+        s = P.weight_scales(w, spec)
+        ref = P.dequantize_weight(P.quantize_weight(w, s, spec), s, spec)
+        assert torch.equal(P.fake_quantize_weight(w, spec), ref)
     x = torch.randn(2, 5, 24) * 3
     x[0, 1] = 0.0
     q, s, _ = P.quantize_per_token(x.reshape(-1, 24))

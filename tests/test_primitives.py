@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from zquant import primitives as P
+from zquant.config import WeightQuant
 
 
 def np_weight_quant(w, bits, granularity, groups=None, group_size=128):
@@ -34,23 +35,24 @@ def test_weight_quantization_matches_reference(bits, granularity, groups, group_
     torch.manual_seed(0)
     w = torch.randn(24, 40) * torch.linspace(0.1, 3, 24)[:, None]     # rows with very different ranges
     w[3] = 0.0                                                         # an all-zero row
-    s = P.weight_scales(w, bits, granularity, groups, group_size)
-    q = P.quantize_weight(w, s, bits, granularity, groups, group_size)
+    spec = WeightQuant(bits, granularity, groups, group_size)
+    s = P.weight_scales(w, spec)
+    q = P.quantize_weight(w, s, spec)
     q_ref, scale_ref = np_weight_quant(w.numpy(), bits, granularity, groups, group_size)
     np.testing.assert_array_equal(q.numpy(), q_ref)
-    full = P.expand_weight_scales(s, tuple(w.shape), granularity, groups, group_size).expand_as(w)
+    full = P.expand_weight_scales(s, tuple(w.shape), spec).expand_as(w)
     np.testing.assert_array_equal(full.numpy(), scale_ref.astype(np.float32))
     # Dequantization error is at most half a step everywhere.
-    err = (P.dequantize_weight(q, s, granularity, groups, group_size) - w).abs()
+    err = (P.dequantize_weight(q, s, spec) - w).abs()
     assert torch.all(err <= full / 2 + 1e-6)
 
 
 def test_row_group_shapes_follow_zeroquant():
     w = torch.randn(1536, 8)
-    assert P.weight_scales(w, 8, "row_group", 64).shape == (64,)       # 24 rows per group
+    assert P.weight_scales(w, WeightQuant(8, "row_group", 64)).shape == (64,)       # 24 rows per group
     assert P.rows_per_group(1536, 64) == 24
-    assert P.weight_scales(torch.randn(192, 8), 8, "row_group", 64).shape == (64,)
-    assert P.weight_scales(torch.randn(10, 8), 8, "row_group", 64).shape == (10,)   # capped at one row per group
+    assert P.weight_scales(torch.randn(192, 8), WeightQuant(8, "row_group", 64)).shape == (64,)
+    assert P.weight_scales(torch.randn(10, 8), WeightQuant(8, "row_group", 64)).shape == (10,)   # capped at one row per group
 
 
 def np_per_token(x, symmetric):
@@ -121,7 +123,7 @@ def test_int4_pack_rejects_out_of_range():
 
 def test_fake_quant_is_straight_through():
     w = torch.randn(8, 16, requires_grad=True)
-    out = P.fake_quantize_weight(w, 4, "row_group", 2)
+    out = P.fake_quantize_weight(w, WeightQuant(4, "row_group", 2))
     assert not torch.equal(out, w)
     out.sum().backward()
     assert torch.equal(w.grad, torch.ones_like(w))

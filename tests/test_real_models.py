@@ -11,7 +11,7 @@ import torch
 import zquant
 from zquant import data, kernels
 from zquant.eval import perplexity
-from zquant.evaluate import EncoderReference, EvalOptions, evaluate
+from zquant.eval import EncoderReference, EvalOptions, evaluate
 
 pytestmark = pytest.mark.slow
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import zquant
-from zquant import inspect as I
+from zquant import analysis as I
 from zquant import plots, report
 from zquant.cli import main
-from zquant.evaluate import sizes
+from zquant.eval import sizes
 
 from conftest import make_tiny, sample_ids
 
@@ -162,8 +162,9 @@ def test_lkd_model_gets_before_and_after(measured, tmp_path):
     fp, ids, _, _ = measured
     collector = report.SnrCollector(fp, ids)
     lkd = zquant.quantize(copy.deepcopy(fp), "w8a8")
-    lkd.zquant_info["lkd"] = {"blocks": [{"block": 0, "loss_before": 0.02, "loss_after": 0.01, "seconds": 1.0},
-                                         {"block": 1, "loss_before": 0.03, "loss_after": 0.012, "seconds": 1.0}]}
+    lkd.zquant_info = lkd.zquant_info.with_step("lkd", {"blocks": [
+        {"block": 0, "loss_before": 0.02, "loss_after": 0.01, "seconds": 1.0},
+        {"block": 1, "loss_before": 0.03, "loss_after": 0.012, "seconds": 1.0}]})
     result = collector("w8a8+lkd", lkd)                 # no plain w8a8 seen yet: quantized here
     plain = I.layer_snr(fp, zquant.quantize(copy.deepcopy(fp), "w8a8"), ids)
     assert result["lkd"]["before"] == plain

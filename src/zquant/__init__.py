@@ -18,8 +18,9 @@ from .config import (ActQuant, ConfigError, LayerQuant, LKDConfig, Override, PRE
                      WeightQuant, get_scheme)
 from .modules import QuantLinear  # noqa: E402
 from .api import load, load_tokenizer, quantize, save  # noqa: E402
+from .record import QuantRecord  # noqa: E402
 
 __all__ = [
-    "ActQuant", "ConfigError", "LayerQuant", "LKDConfig", "Override", "PRESETS", "QuantConfig", "QuantLinear",
+    "ActQuant", "ConfigError", "LayerQuant", "LKDConfig", "Override", "PRESETS", "QuantConfig", "QuantLinear", "QuantRecord",
     "WeightQuant", "get_scheme", "load", "load_tokenizer", "quantize", "save", "__version__",
 ]

@@ -1,31 +1,67 @@
-"""The Python entry points: `load`, `load_tokenizer`, `quantize`, `save`."""
+"""The Python entry points: `load`, `load_tokenizer`, `quantize`, `save`.
+
+One path through the library: source -> plan (`zquant.plan`, computed once) -> the block
+pipeline of calibration algorithms (`zquant.pipeline`, `zquant.algorithms`) -> conversion to
+integer modules (`zquant.convert`) -> runtime preparation chosen by the kernel dispatch point
+(`zquant.fusion.prepare_runtime`) -> checkpoint or export (`zquant.formats`).
+"""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 from typing import Iterable
 
+import torch
 from torch import Tensor, nn
 
-from . import io, sources
+from . import checkpoint, formats, sources
+from .algorithms import LKD, StaticRanges
 from .config import ConfigError, LKDConfig, QuantConfig, get_scheme
+from .convert import mark_quantized
 from .data import DEFAULT_CALIB_TEXT, sample_batches
-from .fusion import auto_fuse
-from .models import get_adapter
-from .surgery import plan, quantize_model
+from .fusion import prepare_runtime
+from .pipeline import Algorithm, Pipeline
+from .plan import Plan, make_plan
+from .record import QuantRecord, refuse_quantized
 
 
-def load(model: str | os.PathLike) -> nn.Module:
-    """A ready-to-run transformers model (eval mode, CPU): floating point for a MODEL argument
-    (directory, .gguf file or built-in name), quantized for a directory written by `save`."""
-    if Path(str(model)).is_dir() and io.is_checkpoint(model):
-        return io.load(model)
-    return sources.load_float(model)
+def load(model: str | os.PathLike, device: str | torch.device | None = None) -> nn.Module:
+    """A ready-to-run transformers model (eval mode) on ``device`` (default CPU): floating point for a
+    MODEL argument (directory, .gguf file or built-in name), quantized for a directory written by
+    `save`, whose runtime is prepared for that device."""
+    if Path(str(model)).is_dir() and checkpoint.is_checkpoint(model):
+        loaded = checkpoint.load(model)
+        if device is not None:
+            loaded.to(device)
+        prepare_runtime(loaded)
+        return loaded
+    loaded = sources.load_float(model)
+    return loaded if device is None else loaded.to(device)
 
 
 def load_tokenizer(model: str | os.PathLike):
     """The tokenizer that goes with `load(model)`."""
     return sources.load_tokenizer(model)
+
+
+def _algorithms(plan: Plan, config: QuantConfig, calibration, tokenizer, calib_text: str,
+                lkd: LKDConfig | bool | None) -> list[Algorithm]:
+    """The pipeline steps the scheme and options ask for: static ranges first, then LKD."""
+    steps: list[Algorithm] = []
+    if plan.needs_calibration():
+        source = "user batches"
+        if calibration is None:
+            if tokenizer is None:
+                raise ValueError(f"scheme {config.name!r} uses static activation scales: pass calibration batches "
+                                 "or a tokenizer")
+            seq_len = 128 if plan.kind == "encoder" else 256
+            calibration, source = sample_batches(tokenizer, calib_text, count=16, seq_len=seq_len), calib_text
+        steps.append(StaticRanges(calibration, source))
+    if lkd is not None and not isinstance(lkd, (bool, LKDConfig)):
+        raise ConfigError(f"lkd must be True, False or an LKDConfig, got {type(lkd).__name__}")
+    if lkd:
+        steps.append(LKD(LKDConfig() if lkd is True else lkd, tokenizer))
+    return steps
 
 
 def quantize(model: nn.Module, scheme: str | QuantConfig, calibration: Iterable[dict[str, Tensor]] | None = None,
@@ -38,38 +74,21 @@ def quantize(model: nn.Module, scheme: str | QuantConfig, calibration: Iterable[
     not the default evaluation text).
 
     ``lkd=True`` (default settings) or an `LKDConfig` distills every block with LKD (see
-    `zquant.lkd`); text data needs the ``tokenizer``. ``lkd_resume`` is a directory where finished
-    blocks are kept so an interrupted run can resume; ``quiet`` silences LKD's progress lines.
+    `zquant.algorithms.lkd`); text data needs the ``tokenizer``. ``lkd_resume`` is a directory
+    where finished blocks are kept so an interrupted run can resume; ``quiet`` silences the
+    per-block progress lines.
     """
     config = get_scheme(scheme)
-    if getattr(model, "zquant_info", None):
-        raise ValueError("this model is already quantized; load the floating-point model to quantize it again")
-    adapter = get_adapter(model)
-    needs_calibration = any(t.spec.act.mode == "static" for t in plan(model, config, adapter))
-    calib_source = "user batches"
-    if needs_calibration and calibration is None:
-        if tokenizer is None:
-            raise ValueError(f"scheme {config.name!r} uses static activation scales: pass calibration batches "
-                             "or a tokenizer")
-        seq_len = 128 if adapter.kind == "encoder" else 256
-        calibration = sample_batches(tokenizer, calib_text, count=16, seq_len=seq_len)
-        calib_source = calib_text
-    if lkd is not None and not isinstance(lkd, (bool, LKDConfig)):
-        raise ConfigError(f"lkd must be True, False or an LKDConfig, got {type(lkd).__name__}")
-    if lkd is True:
-        lkd = LKDConfig()
-    if lkd:
-        from .lkd import distill
-        distill(model, config, lkd, tokenizer, calibration if needs_calibration else None, adapter,
-                resume_dir=lkd_resume, quiet=quiet)
-    else:
-        quantize_model(model, config, calibration if needs_calibration else None, adapter)
-    if needs_calibration:
-        model.zquant_info["calibration"] = {"text": calib_source}
-    auto_fuse(model)   # runtime-only module swaps for the CPU fast path; the state dict is unchanged
+    refuse_quantized(model)
+    plan = make_plan(model, config)
+    calibration = list(calibration) if calibration is not None else None
+    steps = _algorithms(plan, config, calibration, tokenizer, calib_text, lkd)
+    recorded = Pipeline(model, plan, steps, resume_dir=lkd_resume, quiet=quiet).run()
+    mark_quantized(model, plan, QuantRecord(config, plan.adapter.name, steps=recorded))
+    prepare_runtime(model, plan)   # runtime-only module swaps for the fast path; the state dict is unchanged
     return model
 
 
-def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path:
-    """Write a quantized model (safetensors + zquant.json, and the tokenizer if given) atomically."""
-    return io.save(model, directory, tokenizer)
+def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, format: str = "zquant") -> Path:
+    """Write a quantized model (and the tokenizer if given) atomically, in zquant's format by default."""
+    return formats.write(model, directory, format, tokenizer)

@@ -150,7 +150,7 @@ def _config(args, scheme: str):
 
 def _eval_opts(args):
     from .data import DEFAULT_EVAL_TEXT
-    from .evaluate import EvalOptions
+    from .eval import EvalOptions
     return EvalOptions(text=args.ppl or DEFAULT_EVAL_TEXT, max_tokens=args.max_tokens or None, window=args.window,
                        max_examples=args.max_examples, quiet=args.quiet)
 
@@ -175,14 +175,22 @@ def _quantize_fn(args, tokenizer, lkd_resume=lambda name: None):
     return run
 
 
+def _with_source(model, source: str):
+    """``model`` with the MODEL argument it came from in its record."""
+    import dataclasses
+    model.zquant_info = dataclasses.replace(model.zquant_info, source=source)
+    return model
+
+
 def cmd_quantize(args) -> int:
     from .api import load, load_tokenizer, save
+    from .config import file_stem
     config = _config(args, args.scheme)        # validate before the slow load
     lkd = _lkd_configs(args)
     if len(lkd) > 1:
         raise ValueError("quantize takes one --lkd-data")
     suffix = next(iter(lkd), "")
-    out = Path(args.out or f"out/{Path(str(args.model)).stem}-{config.name.replace('/', '_')}{'-lkd' if lkd else ''}")
+    out = Path(args.out or f"out/{Path(str(args.model)).stem}-{file_stem(config.name)}{'-lkd' if lkd else ''}")
     # By default an LKD run keeps its finished blocks next to OUT until the model is saved, so
     # running the same command again after an interruption resumes it.
     resume = Path(args.lkd_resume) if args.lkd_resume else out.with_name(out.name + ".lkd-resume")
@@ -190,8 +198,7 @@ def cmd_quantize(args) -> int:
     log(f"loading {args.model}")
     model, tokenizer = load(args.model), load_tokenizer(args.model)
     log(f"quantizing with {config.name}{' and LKD' if lkd else ''}")
-    model = _quantize_fn(args, tokenizer, lambda name: resume)(model, args.scheme + suffix)
-    model.zquant_info["source"] = str(args.model)
+    model = _with_source(_quantize_fn(args, tokenizer, lambda name: resume)(model, args.scheme + suffix), str(args.model))
     save(model, out, tokenizer)
     if lkd and not args.lkd_resume:
         import shutil
@@ -203,11 +210,11 @@ def cmd_quantize(args) -> int:
 def _reference_model(args, path: str):
     """The floating-point model an encoder checkpoint is compared with."""
     from .api import load
-    from . import io
+    from . import checkpoint
     if args.reference:
         return load(args.reference)
-    if io.is_checkpoint(path):
-        source = io.read_meta(path).get("source")
+    if checkpoint.is_checkpoint(path):
+        source = checkpoint.read_record(path).source
         if not source:
             raise ValueError(f"{path} does not record its floating-point source: pass --reference MODEL")
         return load(source)
@@ -216,12 +223,12 @@ def _reference_model(args, path: str):
 
 def cmd_eval(args) -> int:
     from .api import load, load_tokenizer
-    from .evaluate import EncoderReference, evaluate
-    from .models import get_adapter
+    from .eval import EncoderReference, evaluate
+    from .plan import kind_of
     opts = _eval_opts(args)
     model, tokenizer = load(args.model), load_tokenizer(args.model)
     reference = None
-    if get_adapter(model).kind == "encoder":
+    if kind_of(model) == "encoder":
         fp = _reference_model(args, args.model) or model
         reference = EncoderReference.build(fp, tokenizer, opts)
     result = evaluate(model, tokenizer, opts, reference, label=Path(str(args.model)).name)
@@ -235,29 +242,35 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .api import load, load_tokenizer
-    from .evaluate import compare, format_table
+    from .api import load, load_tokenizer, save
+    from .config import file_stem
+    from .eval import compare, format_table
     for scheme in args.schemes:
         _config(args, scheme)                  # validate every scheme before the slow work
     names = [s + suffix for s in args.schemes for suffix in ("", *_lkd_configs(args))]
     log = _log(args)
     log(f"loading {args.model}")
     model, tokenizer = load(args.model), load_tokenizer(args.model)
-    resume = (lambda name: Path(args.lkd_resume) / name.replace("/", "_")) if args.lkd_resume else (lambda name: None)
+    resume = (lambda name: Path(args.lkd_resume) / file_stem(name)) if args.lkd_resume else (lambda name: None)
     quantize_fn = _quantize_fn(args, tokenizer, resume)
 
     def quantize_and_record(m, scheme):
-        m = quantize_fn(m, scheme)
-        m.zquant_info["source"] = str(args.model)
-        return m
+        return _with_source(quantize_fn(m, scheme), str(args.model))
 
     opts = _eval_opts(args)
     collector = None
     if args.report:
-        from .inspect import sample_input
+        from .analysis import sample_input
         from .report import SnrCollector
         collector = SnrCollector(model, sample_input(tokenizer, opts.text, args.report_tokens), tokenizer, log)
-    rows = compare(model, tokenizer, names, opts, quantize_and_record, args.save, log, on_quantized=collector)
+
+    def on_quantized(name, qmodel):
+        if args.save:
+            log(f"saved {save(qmodel, Path(args.save) / file_stem(name), tokenizer)}")
+        if collector is not None:
+            collector(name, qmodel)
+
+    rows = compare(model, tokenizer, names, opts, quantize_and_record, log, on_quantized=on_quantized)
     if args.report:
         from .report import compare_report
         page = compare_report(args.report, model, collector, rows, _model_label(args.model), opts.text,
@@ -277,12 +290,13 @@ def _model_label(model: str) -> str:
 
 def cmd_inspect(args) -> int:
     import copy
-    from . import io
+    from . import checkpoint
+    from .analysis import sample_input
     from .api import load, load_tokenizer
+    from .config import file_stem
     from .data import DEFAULT_EVAL_TEXT, read_text
-    from .inspect import sample_input
     from .plots import Caption
-    from .report import file_stem, inspect_to_dir
+    from .report import inspect_to_dir
     text = args.text or DEFAULT_EVAL_TEXT
     read_text(text)                            # a bad --text fails before the slow load
     schemes = [s for s in args.schemes if s != "none"]
@@ -291,7 +305,7 @@ def cmd_inspect(args) -> int:
     log = _log(args)
     log(f"loading {args.model}")
     tokenizer = load_tokenizer(args.model)
-    if io.is_checkpoint(args.model):
+    if checkpoint.is_checkpoint(args.model):
         qmodel = load(args.model)
         fp = _reference_model(args, args.model)
         quantized = {_model_label(args.model): lambda: qmodel}

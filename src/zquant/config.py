@@ -324,3 +324,8 @@ class LKDConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "LKDConfig":
         return _from_mapping(cls, data, "lkd")
+
+
+def file_stem(name: str) -> str:
+    """A scheme name usable in a file or folder name (``w4/8a8`` -> ``w4-8a8``)."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)

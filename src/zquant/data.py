@@ -24,6 +24,9 @@ from .sources import package_path
 PACKAGED_TEXTS = ("wiki", "tiny", "technical", "c4", "code", "multilingual")
 DEFAULT_EVAL_TEXT = "wiki"
 DEFAULT_CALIB_TEXT = "technical"
+# Characters of text that always give at least one token: only this much of a text is tokenized
+# when a fixed number of tokens is wanted.
+CHARS_PER_TOKEN = 16
 _DOC_TAG = re.compile(r"</?doc[^>]*>\n?")
 
 
@@ -48,13 +51,13 @@ def read_text(source: str) -> str:
 def token_stream(tokenizer, text: str, max_tokens: int | None = None) -> Tensor:
     """The text as one int64 token sequence (no special tokens), cut to ``max_tokens``.
 
-    Only a prefix of the text is tokenized (16 characters per wanted token is always enough), so
-    a small budget stays fast and a given budget always yields the same tokens.
+    Only a prefix of the text is tokenized (`CHARS_PER_TOKEN` per wanted token), so a small
+    budget stays fast and a given budget always yields the same tokens.
     """
     if max_tokens is not None:
         if max_tokens < 2:
             raise ValueError(f"max_tokens must be at least 2, got {max_tokens}")
-        text = text[: max_tokens * 16]
+        text = text[: max_tokens * CHARS_PER_TOKEN]
     # verbose=False: the whole text is one long sequence on purpose (it is cut into windows later),
     # so the tokenizer's "longer than the maximum sequence length" warning does not apply.
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]

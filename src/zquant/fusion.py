@@ -1,15 +1,15 @@
 """Runtime fusions for the fast CPU path: fewer passes over memory between the quantized GEMMs.
 
 `fuse(model)` swaps a few modules of a quantized model for fused twins, as the model-family
-adapter declares them:
+adapter declares them (`zquant.models.NormFeed`, `ActMLP`, `GatedMLP`):
 
-* ``norm_feeds``: a LayerNorm / RMSNorm whose output only feeds dynamically quantized linears
+* `NormFeed`: a LayerNorm / RMSNorm whose output only feeds dynamically quantized linears
   becomes a `FusedNorm`, which normalizes and quantizes per token in one pass and attaches the
   INT8 data to its output, so q / k / v (or gate / up) read it instead of re-quantizing.
-* ``act_mlps``: a module computing ``second(act(first(x)))`` (BERT's intermediate, GPT-2's MLP)
+* `ActMLP`: a module computing ``second(act(first(x)))`` (BERT's intermediate, GPT-2's MLP)
   becomes a `FusedActMLP`: the activation (and the bias) run in the first GEMM's epilogue, which
   also quantizes the result for the next linear.
-* ``gated_mlps``: ``down(act(gate(x)) * up(x))`` (Llama) becomes a `FusedGatedMLP`: gate and up
+* `GatedMLP`: ``down(act(gate(x)) * up(x))`` (Llama) becomes a `FusedGatedMLP`: gate and up
   are one GEMM over interleaved weights whose epilogue computes ``act(gate) * up`` and quantizes
   it for ``down``.
 
@@ -29,9 +29,10 @@ from torch.nn.modules import module as _module_globals
 
 from . import kernels
 from .config import ActQuant
-from .models import Adapter, get_adapter
+from .convert import set_submodule
+from .models import ActMLP, GatedMLP, NormFeed
 from .modules import QuantLinear
-from .surgery import set_submodule
+from .plan import Plan, plan_of
 
 # Normalizations the kernel computes, by class name; the formula must match the kernel's.
 NORM_KINDS = {"LayerNorm": "layer", "LlamaRMSNorm": "rms", "MistralRMSNorm": "rms", "Qwen2RMSNorm": "rms"}
@@ -170,9 +171,9 @@ def _dynamic_spec(layers: list) -> ActQuant | None:
     return spec if spec.mode == "dynamic" else None
 
 
-def _get(root: nn.Module, name: str) -> nn.Module | None:
+def _get(root: nn.Module | None, name: str) -> nn.Module | None:
     try:
-        return root.get_submodule(name)
+        return None if root is None else root.get_submodule(name)
     except AttributeError:
         return None
 
@@ -184,50 +185,65 @@ def _only_children_state(module: nn.Module, names: tuple[str, ...]) -> bool:
     return own == kids
 
 
-def fuse(model: nn.Module, adapter: Adapter | None = None) -> int:
-    """Swap in the fused modules the adapter declares, where the layers allow it; returns how many.
+def _activation(module: nn.Module, name: str) -> str | None:
+    act = _get(module, name)
+    return activation_kind(act) if act is not None else None
 
-    Idempotent. Call it on a quantized model (`zquant.quantize` and `zquant.load` do, when the CPU
-    fast path is in use).
-    """
-    adapter = adapter or get_adapter(model)
-    blocks_name, blocks = adapter.find_blocks(model)
+
+def _fuse_norm(d: NormFeed, block: nn.Module, following: nn.Module | None) -> nn.Module | None:
+    norm = _get(block, d.norm)
+    kind = NORM_KINDS.get(type(norm).__name__) if norm is not None else None
+    if kind is None or getattr(norm, "weight", None) is None:
+        return None
+    layers = [_get(following, r[5:]) if r.startswith("next.") else _get(block, r) for r in d.readers]
+    spec = _dynamic_spec(layers)
+    return None if spec is None else FusedNorm(norm, kind, spec, layers[0])
+
+
+def _fuse_act(d: ActMLP, block: nn.Module, following: nn.Module | None) -> nn.Module | None:
+    module = _get(block, d.module)
+    if module is None or isinstance(module, _Fused):
+        return None
+    kind = _activation(module, d.act)
+    if (not isinstance(_get(module, d.first), QuantLinear) or kind is None
+            or not _only_children_state(module, (d.first, d.act, d.second))):
+        return None
+    return FusedActMLP(module, d.first, d.act, d.second, kind, _dynamic_spec([_get(block, d.reader)]))
+
+
+def _fuse_gated(d: GatedMLP, block: nn.Module, following: nn.Module | None) -> nn.Module | None:
+    module = _get(block, d.module)
+    if module is None or isinstance(module, _Fused):
+        return None
+    g, u, kind = _get(module, d.gate), _get(module, d.up), _activation(module, d.act)
+    if (kind is None or not isinstance(g, QuantLinear) or not isinstance(u, QuantLinear) or g.spec != u.spec
+            or (g.in_features, g.out_features) != (u.in_features, u.out_features)
+            or not _only_children_state(module, (d.gate, d.up, d.down, d.act))):
+        return None
+    return FusedGatedMLP(module, d.gate, d.up, d.down, d.act, kind, _dynamic_spec([_get(module, d.down)]))
+
+
+# declaration type -> (the fused operation it needs from the backend, the builder)
+_BUILDERS = {NormFeed: ("norm", _fuse_norm), ActMLP: ("linear_act", _fuse_act), GatedMLP: ("gated", _fuse_gated)}
+
+
+def fuse(model: nn.Module, plan: Plan | None = None, ops: frozenset[str] | None = None) -> int:
+    """Swap in the fused modules the plan's adapter declares, where the layers allow it (and, with
+    ``ops``, where the backend offers the fused operation); returns how many. Idempotent.
+    ``plan`` defaults to the one the quantized model carries."""
+    plan = plan or plan_of(model)
+    if plan is None:
+        raise ValueError("fuse expects a model quantized by zquant (it carries no plan)")
+    blocks = plan.blocks(model)
     count = 0
     for i, block in enumerate(blocks):
-        for norm_name, readers in adapter.norm_feeds:
-            norm = _get(block, norm_name)
-            kind = NORM_KINDS.get(type(norm).__name__) if norm is not None else None
-            if kind is None or getattr(norm, "weight", None) is None:
-                continue
-            layers = [_get(blocks[i + 1], r[5:]) if r.startswith("next.") and i + 1 < len(blocks)
-                      else (None if r.startswith("next.") else _get(block, r)) for r in readers]
-            spec = _dynamic_spec(layers)
-            if spec is not None:
-                set_submodule(block, norm_name, FusedNorm(norm, kind, spec, layers[0]))
+        following = blocks[i + 1] if i + 1 < len(blocks) else None
+        for d in plan.adapter.fusions:
+            op, build = _BUILDERS[type(d)]
+            fused = build(d, block, following) if ops is None or op in ops else None
+            if fused is not None:
+                set_submodule(block, d.norm if isinstance(d, NormFeed) else d.module, fused)
                 count += 1
-        for name, first, act, second, reader in adapter.act_mlps:
-            module = _get(block, name)
-            if module is None or isinstance(module, _Fused):
-                continue
-            fc, act_module = _get(module, first), _get(module, act)
-            kind = activation_kind(act_module) if act_module is not None else None
-            if not isinstance(fc, QuantLinear) or kind is None or not _only_children_state(module, (first, act, second)):
-                continue
-            set_submodule(block, name, FusedActMLP(module, first, act, second, kind, _dynamic_spec([_get(block, reader)])))
-            count += 1
-        for name, gate, up, down, act in adapter.gated_mlps:
-            module = _get(block, name)
-            if module is None or isinstance(module, _Fused):
-                continue
-            g, u, act_module = _get(module, gate), _get(module, up), _get(module, act)
-            kind = activation_kind(act_module) if act_module is not None else None
-            if (kind is None or not isinstance(g, QuantLinear) or not isinstance(u, QuantLinear) or g.spec != u.spec
-                    or (g.in_features, g.out_features) != (u.in_features, u.out_features)
-                    or not _only_children_state(module, (gate, up, down, act))):
-                continue
-            set_submodule(block, name, FusedGatedMLP(module, gate, up, down, act, kind,
-                                                     _dynamic_spec([_get(module, down)])))
-            count += 1
     return count
 
 
@@ -239,19 +255,10 @@ def unfuse(model: nn.Module) -> int:
     return len(fused)
 
 
-def auto_fuse(model: nn.Module) -> int:
-    """`fuse` a quantized model if the CPU fast path will run it: the model is on the CPU, no
-    backend is forced (``ZQUANT_BACKEND``), ``ZQUANT_FUSION`` is not 0, and the kernels build
-    (the first call may take ~25 s to compile them; the reason they cannot is warned once)."""
-    import os
-    if os.environ.get("ZQUANT_FUSION", "1") == "0" or kernels.ENV_BACKEND:
-        return 0
+def prepare_runtime(model: nn.Module, plan: Plan | None = None) -> int:
+    """Make a quantized model fast where it is: the fusions that the dispatch point says the
+    backend for the model's device offers (`zquant.kernels.fusions_for`; for the CPU fast path
+    the first call may take ~25 s to compile the kernels). Returns how many modules were fused."""
     p = next(model.parameters(), None)
-    if p is not None and p.device.type != "cpu":
-        return 0
-    cpu = kernels.backend("cpu")
-    reason = cpu.available()
-    if reason is not None:
-        kernels.warn_unavailable(cpu, reason)
-        return 0
-    return fuse(model)
+    ops = kernels.fusions_for(p.device.type if p is not None else "cpu")
+    return fuse(model, plan, ops) if ops else 0

@@ -13,6 +13,19 @@ from . import primitives as P
 from .config import ActQuant, LayerQuant, WeightQuant
 
 
+def is_float_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or a GPT-2 style ``Conv1D``: the layers zquant quantizes."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features K, out_features N) of an ``nn.Linear``, ``Conv1D`` (weight [K, N]) or `QuantLinear`."""
+    if isinstance(module, QuantLinear):
+        return module.in_features, module.out_features
+    n, k = float_weight(module)[0].shape
+    return k, n
+
+
 def float_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
     """(weight [N, K], bias [N] or None) of an ``nn.Linear`` or a GPT-2 style ``Conv1D``.
 
@@ -20,7 +33,7 @@ def float_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
     """
     if isinstance(module, nn.Linear):
         return module.weight, module.bias
-    if type(module).__name__ == "Conv1D":
+    if is_float_linear(module):
         return module.weight.t(), module.bias
     raise TypeError(f"cannot quantize a {type(module).__name__}: expected nn.Linear or Conv1D")
 
@@ -48,13 +61,7 @@ class QuantLinear(nn.Module):
         n, k = out_features, in_features
         cols = (k + 1) // 2 if w.bits == 4 else k
         self.register_buffer("qweight", torch.zeros(n, cols, dtype=torch.uint8 if w.bits == 4 else torch.int8))
-        if w.granularity == "row":
-            shape = (n,)
-        elif w.granularity == "row_group":
-            shape = (-(-n // P.rows_per_group(n, w.groups)),)
-        else:
-            shape = (n, -(-k // w.group_size))
-        self.register_buffer("wscale", torch.ones(shape, dtype=torch.float32))
+        self.register_buffer("wscale", torch.ones(P.scale_shape(w, n, k), dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(n, dtype=dtype) if bias else None)
         self.register_buffer("act_scale", torch.ones((), dtype=torch.float32) if spec.act.mode == "static" else None)
         self._row_scale: Tensor | None = None
@@ -79,9 +86,8 @@ class QuantLinear(nn.Module):
     def set_weight(self, weight: Tensor, bias: Tensor | None = None) -> None:
         """Quantize a float weight [N, K] into this layer's storage."""
         w = self.spec.weight
-        args = (w.granularity, w.groups, w.group_size)
-        scales = P.weight_scales(weight, w.bits, *args)
-        q = P.quantize_weight(weight, scales, w.bits, *args)
+        scales = P.weight_scales(weight, w)
+        q = P.quantize_weight(weight, scales, w)
         self.qweight.copy_(P.pack_int4(q) if w.bits == 4 else q)
         self.wscale.copy_(scales)
         if bias is not None:
@@ -112,13 +118,12 @@ class QuantLinear(nn.Module):
             if w.granularity == "input_group":
                 raise ValueError("input_group weights have no per-row scale")
             self._row_scale = P.expand_weight_scales(
-                self.wscale, (self.out_features, self.in_features), w.granularity, w.groups).reshape(-1).contiguous()
+                self.wscale, (self.out_features, self.in_features), w).reshape(-1).contiguous()
         return self._row_scale
 
     def dequantized_weight(self) -> Tensor:
         """Float32 weight [N, K] that this layer represents."""
-        w = self.spec.weight
-        return P.dequantize_weight(self.int_weight(), self.wscale, w.granularity, w.groups, w.group_size)
+        return P.dequantize_weight(self.int_weight(), self.wscale, self.spec.weight)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -172,7 +177,7 @@ class FakeQuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         import torch.nn.functional as F
         w, a = self.spec.weight, self.spec.act
-        weight = P.fake_quantize_weight(self.weight, w.bits, w.granularity, w.groups, w.group_size)
+        weight = P.fake_quantize_weight(self.weight, w)
         if a.mode == "dynamic":
             x = P.fake_quantize_per_token(x, a.symmetric)
         elif a.mode == "static":

@@ -16,6 +16,8 @@ import math
 import torch
 from torch import Tensor
 
+from .config import WeightQuant
+
 
 def qmax(bits: int) -> int:
     """Largest magnitude of a symmetric ``bits``-bit integer (restricted range)."""
@@ -36,61 +38,63 @@ def rows_per_group(n_rows: int, groups: int) -> int:
 # Weights
 # ---------------------------------------------------------------------------------------------
 
-def weight_scales(w: Tensor, bits: int, granularity: str, groups: int | None = None,
-                  group_size: int = 128) -> Tensor:
-    """Symmetric scales for a weight ``w`` [N, K].
+def scale_shape(spec: WeightQuant, n: int, k: int) -> tuple[int, ...]:
+    """Shape of the float32 scales of an [N, K] weight quantized with ``spec`` (see `weight_scales`)."""
+    if spec.granularity == "row":
+        return (n,)
+    if spec.granularity == "row_group":
+        if spec.groups is None:
+            raise ValueError("row_group granularity needs `groups`")
+        return (-(-n // rows_per_group(n, spec.groups)),)
+    if spec.granularity == "input_group":
+        return (n, -(-k // spec.group_size))
+    raise ValueError(f"unknown granularity {spec.granularity!r}")
 
-    Returns float32 scales shaped by granularity:
+
+def weight_scales(w: Tensor, spec: WeightQuant) -> Tensor:
+    """Symmetric ``spec.bits`` scales for a weight ``w`` [N, K].
+
+    Returns float32 scales shaped by ``spec.granularity`` (`scale_shape`):
       ``row``         -> [N]
       ``row_group``   -> [ceil(N / rows_per_group(N, groups))], one per block of consecutive rows
       ``input_group`` -> [N, ceil(K / group_size)]
     """
     n, k = w.shape
+    shape = scale_shape(spec, n, k)
     a = w.detach().abs().float()
-    if granularity == "row":
-        return _safe_scale(a.amax(dim=1), bits)
-    if granularity == "row_group":
-        if groups is None:
-            raise ValueError("row_group granularity needs `groups`")
-        r = rows_per_group(n, groups)
-        row_max = a.amax(dim=1)                                   # [N]
-        pad = (-n) % r
-        row_max = torch.nn.functional.pad(row_max, (0, pad))      # zeros never raise a max
-        return _safe_scale(row_max.view(-1, r).amax(dim=1), bits)  # [G]
-    if granularity == "input_group":
-        pad = (-k) % group_size
-        a = torch.nn.functional.pad(a, (0, pad)).view(n, -1, group_size)  # [N, K/gs, gs]
-        return _safe_scale(a.amax(dim=2), bits)
-    raise ValueError(f"unknown granularity {granularity!r}")
+    if spec.granularity == "row":
+        return _safe_scale(a.amax(dim=1), spec.bits)
+    if spec.granularity == "row_group":
+        r = rows_per_group(n, spec.groups)
+        row_max = torch.nn.functional.pad(a.amax(dim=1), (0, shape[0] * r - n))  # zeros never raise a max
+        return _safe_scale(row_max.view(-1, r).amax(dim=1), spec.bits)          # [G]
+    gs = spec.group_size
+    a = torch.nn.functional.pad(a, (0, shape[1] * gs - k)).view(n, -1, gs)      # [N, K/gs, gs]
+    return _safe_scale(a.amax(dim=2), spec.bits)
 
 
-def expand_weight_scales(scales: Tensor, shape: tuple[int, int], granularity: str,
-                         groups: int | None = None, group_size: int = 128) -> Tensor:
+def expand_weight_scales(scales: Tensor, shape: tuple[int, int], spec: WeightQuant) -> Tensor:
     """Broadcast ``scales`` to something that multiplies a [N, K] tensor: [N, 1] or [N, K]."""
     n, k = shape
-    if granularity == "row":
+    if spec.granularity == "row":
         return scales.view(n, 1)
-    if granularity == "row_group":
-        r = rows_per_group(n, groups)
-        return scales.repeat_interleave(r)[:n].view(n, 1)
-    if granularity == "input_group":
-        return scales.repeat_interleave(group_size, dim=1)[:, :k]
-    raise ValueError(f"unknown granularity {granularity!r}")
+    if spec.granularity == "row_group":
+        return scales.repeat_interleave(rows_per_group(n, spec.groups))[:n].view(n, 1)
+    if spec.granularity == "input_group":
+        return scales.repeat_interleave(spec.group_size, dim=1)[:, :k]
+    raise ValueError(f"unknown granularity {spec.granularity!r}")
 
 
-def quantize_weight(w: Tensor, scales: Tensor, bits: int, granularity: str,
-                    groups: int | None = None, group_size: int = 128) -> Tensor:
+def quantize_weight(w: Tensor, scales: Tensor, spec: WeightQuant) -> Tensor:
     """Integer weight [N, K] int8 (values in ``[-qmax, qmax]``) for the given scales."""
-    s = expand_weight_scales(scales, tuple(w.shape), granularity, groups, group_size)
-    q = torch.round(w.detach().float() / s).clamp_(-qmax(bits), qmax(bits))
+    s = expand_weight_scales(scales, tuple(w.shape), spec)
+    q = torch.round(w.detach().float() / s).clamp_(-qmax(spec.bits), qmax(spec.bits))
     return q.to(torch.int8)
 
 
-def dequantize_weight(q: Tensor, scales: Tensor, granularity: str, groups: int | None = None,
-                      group_size: int = 128) -> Tensor:
+def dequantize_weight(q: Tensor, scales: Tensor, spec: WeightQuant) -> Tensor:
     """Float32 weight [N, K] from integers [N, K] and scales."""
-    s = expand_weight_scales(scales, tuple(q.shape), granularity, groups, group_size)
-    return q.float() * s
+    return q.float() * expand_weight_scales(scales, tuple(q.shape), spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,13 +159,11 @@ def ste(x: Tensor, xq: Tensor) -> Tensor:
 # detached tensors with in-place steps: LKD runs them on every linear layer at every step, where
 # a few extra passes over the activations cost more than the matrix products.
 
-def fake_quantize_weight(w: Tensor, bits: int, granularity: str, groups: int | None = None,
-                         group_size: int = 128) -> Tensor:
+def fake_quantize_weight(w: Tensor, spec: WeightQuant) -> Tensor:
     """Quantize-dequantize ``w`` [N, K] with scales from ``w`` itself; straight-through gradient."""
     wd = w.detach().float()
-    s = expand_weight_scales(weight_scales(wd, bits, granularity, groups, group_size), tuple(w.shape),
-                             granularity, groups, group_size)
-    deq = (wd / s).round_().clamp_(-qmax(bits), qmax(bits)).mul_(s)
+    s = expand_weight_scales(weight_scales(wd, spec), tuple(w.shape), spec)
+    deq = (wd / s).round_().clamp_(-qmax(spec.bits), qmax(spec.bits)).mul_(s)
     return ste(w, deq.to(w.dtype))
 
 

@@ -5,7 +5,7 @@ import sys
 import time
 
 
-def _fmt(seconds: float) -> str:
+def fmt_seconds(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 60}:{seconds % 60:02d}" if seconds < 3600 else f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
@@ -45,7 +45,7 @@ class Progress:
         elapsed = now - self.start
         eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
         extra = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
-        line = f"{self.desc}: {self.done}/{self.total} [{_fmt(elapsed)} elapsed, {_fmt(eta)} left] {extra}".rstrip()
+        line = f"{self.desc}: {self.done}/{self.total} [{fmt_seconds(elapsed)} elapsed, {fmt_seconds(eta)} left] {extra}".rstrip()
         self.stream.write(("\r" + line + "\x1b[K") if self._tty else line + "\n")
         self.stream.flush()
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .models import REGISTRY
+from .fsutil import atomic_directory, cache_root
+from .models import model_kind
 
 
 class ModelSourceError(ValueError):
@@ -70,32 +71,19 @@ def resolve(model: str | os.PathLike) -> Path:
                            f"({', '.join(BUILTINS)}); zquant never downloads from a model hub")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("ZQUANT_CACHE", Path.home() / ".cache" / "zquant"))
-
-
 def _gguf_cache_path(path: Path) -> Path:
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_dir() / "gguf" / f"{path.stem}-{key}"
-
-
-def _is_decoder_config(config) -> bool:
-    adapter = REGISTRY.get(getattr(config, "model_type", None))
-    if adapter is not None:
-        return adapter.kind == "decoder"
-    archs = getattr(config, "architectures", None) or []
-    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or bool(getattr(config, "is_decoder", False))
+    return cache_root() / "gguf" / f"{path.stem}-{key}"
 
 
 def model_class_for(config):
     """AutoModelForCausalLM for decoders, AutoModel (hidden states) for encoders."""
     from transformers import AutoModel, AutoModelForCausalLM
-    return AutoModelForCausalLM if _is_decoder_config(config) else AutoModel
+    return AutoModelForCausalLM if model_kind(config) == "decoder" else AutoModel
 
 
 def _load_gguf(path: Path) -> nn.Module:
-    from .io import atomic_directory
     cached = _gguf_cache_path(path)
     if (cached / "config.json").exists():
         return _load_hf_dir(cached)

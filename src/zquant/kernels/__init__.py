@@ -10,9 +10,12 @@ warning says so once.
 the environment variable ``ZQUANT_BACKEND``, read when zquant is imported.
 
 Runtime fusions (`zquant.fusion`, never saved) reach the kernels through here too: a backend may
-offer fused operations in ``Backend.fused`` (``linear_act``, ``gated``, ``norm``), found with
-`fused_op`. A fused module whose backend lacks the operation runs the model's original modules
-instead, so forcing the reference backend always gives the unfused model's numbers.
+offer fused operations in ``Backend.fused`` (``linear_act``, ``gated``, ``norm``). `fusions_for`
+decides which of them apply to a model on a given device (so which fused modules are worth
+swapping in), `fused_op` finds the one a call runs. A fused module whose backend lacks the
+operation runs the model's original modules instead, so forcing the reference backend always
+gives the unfused model's numbers. Fused ops hand quantized activations to each other through
+`zquant.kernels.activation`.
 """
 from __future__ import annotations
 
@@ -39,6 +42,11 @@ class Backend:
     linear: Callable[[object, Tensor], Tensor]
     # optional fused operations by name (see the module docstring and `zquant.fusion`)
     fused: dict[str, Callable] = field(default_factory=dict)
+    # device types it runs on (None: any)
+    devices: tuple[str, ...] | None = None
+
+    def runs_on(self, device_type: str) -> bool:
+        return self.devices is None or device_type in self.devices
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -119,12 +127,30 @@ def qlinear(module, x: Tensor) -> Tensor:
     return select(module, x).linear(module, x)
 
 
+def fusions_for(device_type: str) -> frozenset[str]:
+    """The fused operations worth preparing a model for on ``device_type``: those of the backend
+    that will run its layers there (the forced one, else the first available by priority).
+    ``ZQUANT_FUSION=0`` turns them all off. Warns once when a preferred backend cannot run."""
+    if os.environ.get("ZQUANT_FUSION", "1") == "0":
+        return frozenset()
+    forced = getattr(_forced, "name", None) or ENV_BACKEND
+    for backend in ([_BACKENDS[forced]] if forced in _BACKENDS else _ORDER):
+        if not backend.runs_on(device_type):
+            continue
+        reason = backend.available()
+        if reason is not None:
+            warn_unavailable(backend, reason)
+            continue
+        return frozenset(backend.fused)
+    return frozenset()
+
+
 def fused_op(name: str, module, x: Tensor) -> Callable | None:
     """The fused operation ``name`` of the backend that would run ``module`` on ``x``, or None."""
     return select(module, x).fused.get(name)
 
 
 register(Backend("reference", priority=0, available=lambda: None,
-                 supports=lambda module, x: True, linear=reference.linear))
+                 supports=lambda module, x: True, linear=reference.linear))  # any device
 
 from . import cpu  # noqa: E402,F401  -- registers the "cpu" backend

@@ -9,11 +9,9 @@ call would cost ~2 µs more. Weights are prepacked on first use into ``module.ke
 (never saved; cleared when the weights change); INT4 weights stay packed two per byte and are
 unpacked in registers inside the GEMM's inner loop.
 
-Fused quantization: an op that produces a linear layer's input (a normalization, a GEMM with an
-activation epilogue) can quantize its output in the same pass and attach the result to the float
-tensor it returns (`QuantizedActivation`, attribute ``ATTR``). A consumer uses it only if it asks
-for the same quantization and the tensor was not modified in place since; otherwise it
-quantizes the float tensor itself, so an attachment can never change a result.
+Fused quantization: the norm and activation-epilogue ops quantize their output in the same pass
+and attach it (`zquant.kernels.activation`); the GEMM consumes an attached quantization instead of
+quantizing its input again.
 
 Numerics: bit-identical to the reference path, fused or not. Quantization divides by the scale and
 rounds half to even like ``torch.round``; the epilogue rounds like the reference's separate
@@ -45,8 +43,8 @@ from torch.autograd import profiler as _autograd_profiler
 
 from ..config import ActQuant
 from . import Backend, build, register
+from .activation import ATTR, QuantizedActivation, attach, attached  # noqa: F401 -- ATTR: where tests look
 
-ATTR = "zquant_quantized"
 ACT_CODES = {"relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 NORM_CODES = {"rms": 0, "layer": 1}
 # int32 accumulation of u8 (<= 255) x s8 (<= 127 in magnitude) products stays exact below this.
@@ -82,44 +80,10 @@ def _kernel(name: str, *args):
     return fn(*args)
 
 
-@dataclass(frozen=True)
-class QuantizedActivation:
-    """A token-wise INT8 activation in the kernel's format, attached to the float tensor it encodes.
-
-    ``u`` uint8 [M, Kp] holds q + 128 (Kp = K rounded up to 4, padding q = 0); ``scale`` float32 [M];
-    ``offset`` int32 [M] is 128 + the zero point (128 when symmetric), so x ~= (u - offset) * scale.
-    """
-    u: Tensor
-    scale: Tensor
-    offset: Tensor
-    symmetric: bool
-    version: int | None
-
-    def as_reference(self, k: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(q int8 [M, K], scale [M], zero int32 [M] or None), the `primitives.quantize_per_token` form."""
-        q = (self.u[:, :k].to(torch.int16) - 128).to(torch.int8)
-        return q, self.scale, None if self.symmetric else self.offset - 128
-
-
-def _version(t: Tensor) -> int | None:
-    try:
-        return t._version
-    except RuntimeError:   # inference-mode tensors have no version counter
-        return None
-
-
 def _attach(y: Tensor, outs: list[Tensor], out: ActQuant | None) -> Tensor:
     if out is not None and len(outs) == 4:
-        setattr(y, ATTR, QuantizedActivation(outs[1], outs[2], outs[3], out.symmetric, _version(y)))
+        attach(y, outs[1], outs[2], outs[3], out.symmetric)
     return y
-
-
-def attached(x: Tensor, act: ActQuant) -> QuantizedActivation | None:
-    """The quantization attached to ``x`` if it is the one ``act`` asks for and still current."""
-    qa = getattr(x, ATTR, None)
-    if qa is None or act.mode != "dynamic" or qa.symmetric != act.symmetric or qa.version != _version(x):
-        return None
-    return qa
 
 
 def _out_mode(out: ActQuant | None) -> int:
@@ -288,4 +252,4 @@ def quantize(x: Tensor, act: ActQuant, static_scale: float = 0.0) -> QuantizedAc
 
 
 register(Backend("cpu", priority=10, available=build.load, supports=supports, linear=linear,
-                 fused={"linear_act": linear_act, "gated": gated, "norm": norm}))
+                 fused={"linear_act": linear_act, "gated": gated, "norm": norm}, devices=("cpu",)))

@@ -27,13 +27,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import QuantConfig
-from .data import read_text
-from .models import Adapter, get_adapter
+from .data import CHARS_PER_TOKEN, read_text
+from .hooks import hooks
 from .modules import QuantLinear, float_weight
-from .surgery import Target, plan
-
-_ALL_LAYERS = QuantConfig(name="all-layers")   # only used to list every block linear layer
+from .plan import LayerPlan, Plan, layer_plan
+from .record import record_of
 
 
 def sample_input(tokenizer, text: str, tokens: int = 256) -> Tensor:
@@ -42,7 +40,7 @@ def sample_input(tokenizer, text: str, tokens: int = 256) -> Tensor:
     sees text."""
     if tokens < 2:
         raise ValueError(f"tokens must be at least 2, got {tokens}")
-    body = read_text(text)[: tokens * 16]      # 16 characters per token is always enough
+    body = read_text(text)[: tokens * CHARS_PER_TOKEN]
     ids = tokenizer(body, truncation=True, max_length=tokens, return_tensors="pt")["input_ids"]
     if ids.shape[1] < 2:
         raise ValueError(f"text {text!r} gives fewer than 2 tokens")
@@ -65,8 +63,8 @@ def select_blocks(spec: str, count: int) -> list[int]:
     return wanted
 
 
-def _targets(model: nn.Module, adapter: Adapter | None) -> list[Target]:
-    return plan(model, _ALL_LAYERS, adapter or get_adapter(model))
+def _targets(model: nn.Module, plan: Plan | None) -> list[LayerPlan]:
+    return list((plan or layer_plan(model)).layers)
 
 
 def _weight(module: nn.Module) -> Tensor:
@@ -90,7 +88,7 @@ def _run(model: nn.Module, input_ids: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def activation_ranges(model: nn.Module, input_ids: Tensor, adapter: Adapter | None = None) -> list[list[dict]]:
+def activation_ranges(model: nn.Module, input_ids: Tensor, plan: Plan | None = None) -> list[list[dict]]:
     """Per block, the input groups of its linear layers with per-token min/max of the input.
 
     Returns ``blocks[i] = [{"names": [...], "relative": [...], "width": K,
@@ -98,7 +96,7 @@ def activation_ranges(model: nn.Module, input_ids: Tensor, adapter: Adapter | No
     are one group when their forward received the same tensor (same storage, shape and strides;
     earlier inputs of the block are kept alive, so an address cannot be reused meanwhile).
     """
-    targets = _targets(model, adapter)
+    targets = _targets(model, plan)
     by_name = {t.name: t for t in targets}
     blocks: list[list[dict]] = [[] for _ in range(max(t.block for t in targets) + 1)]
     seen: dict[int, list[tuple[Tensor, dict]]] = {}    # block -> (input tensor, its group record)
@@ -123,21 +121,17 @@ def activation_ranges(model: nn.Module, input_ids: Tensor, adapter: Adapter | No
             blocks[t.block].append(group)
         return record
 
-    handles = [model.get_submodule(t.name).register_forward_pre_hook(hook(t.name)) for t in targets]
-    try:
+    with hooks(model, {t.name: hook(t.name) for t in targets}):
         _run(model, input_ids)
-    finally:
-        for h in handles:
-            h.remove()
     seen.clear()
     return blocks
 
 
 @torch.no_grad()
-def weight_ranges(model: nn.Module, adapter: Adapter | None = None) -> list[list[dict]]:
+def weight_ranges(model: nn.Module, plan: Plan | None = None) -> list[list[dict]]:
     """Per block, per weight matrix: ``{"name", "relative", "shape": [N, K],
     "row_min": float32 [N], "row_max": float32 [N]}`` (min/max over each output row)."""
-    targets = _targets(model, adapter)
+    targets = _targets(model, plan)
     blocks: list[list[dict]] = [[] for _ in range(max(t.block for t in targets) + 1)]
     for t in targets:
         w = _weight(model.get_submodule(t.name)).detach().float()      # [N, K]
@@ -166,9 +160,9 @@ def spread(mins: Tensor, maxs: Tensor) -> dict:
     }
 
 
-def ranges(model: nn.Module, input_ids: Tensor, adapter: Adapter | None = None) -> dict:
+def ranges(model: nn.Module, input_ids: Tensor, plan: Plan | None = None) -> dict:
     """Activation and weight ranges of every block, plus their `spread` summaries."""
-    acts, weights = activation_ranges(model, input_ids, adapter), weight_ranges(model, adapter)
+    acts, weights = activation_ranges(model, input_ids, plan), weight_ranges(model, plan)
     blocks = []
     for i, (groups, mats) in enumerate(zip(acts, weights)):
         for g in groups:
@@ -191,7 +185,7 @@ def snr_db(signal: float, noise: float) -> float | None:
 
 
 @torch.no_grad()
-def layer_snr(fp_model: nn.Module, qmodel: nn.Module, input_ids: Tensor, adapter: Adapter | None = None) -> dict:
+def layer_snr(fp_model: nn.Module, qmodel: nn.Module, input_ids: Tensor, plan: Plan | None = None) -> dict:
     """SNR (dB) of every `QuantLinear` of ``qmodel`` against the same layer of ``fp_model``.
 
     Returns ``{"layers": [{"name", "block", "relative", "role", "bits", "act", "isolated_db",
@@ -199,7 +193,7 @@ def layer_snr(fp_model: nn.Module, qmodel: nn.Module, input_ids: Tensor, adapter
     Layers that stay floating point in ``qmodel`` are not listed. Memory: one float32 copy of
     every quantized layer's FP output on ``input_ids`` is kept for the end-to-end pass.
     """
-    targets = [t for t in _targets(qmodel, adapter) if isinstance(qmodel.get_submodule(t.name), QuantLinear)]
+    targets = [t for t in _targets(qmodel, plan) if isinstance(qmodel.get_submodule(t.name), QuantLinear)]
     if not targets:
         raise ValueError("the quantized model has no QuantLinear layers to measure")
     sums = {t.name: [0.0, 0.0, 0.0] for t in targets}      # signal, isolated noise, end-to-end noise
@@ -222,12 +216,8 @@ def layer_snr(fp_model: nn.Module, qmodel: nn.Module, input_ids: Tensor, adapter
         return record
 
     def run(model, make_hook):
-        handles = [model.get_submodule(t.name).register_forward_hook(make_hook(t.name)) for t in targets]
-        try:
+        with hooks(model, {t.name: make_hook(t.name) for t in targets}, after=True):
             return _run(model, input_ids).detach().double()
-        finally:
-            for h in handles:
-                h.remove()
 
     try:
         fp_model.get_submodule(targets[0].name)
@@ -249,7 +239,7 @@ def layer_snr(fp_model: nn.Module, qmodel: nn.Module, input_ids: Tensor, adapter
 def lkd_blocks(model: nn.Module) -> list[dict] | None:
     """The per-block LKD record ``[{"block", "loss_before", "loss_after", "seconds"}, ...]`` of a
     model quantized with LKD, else None."""
-    lkd = (getattr(model, "zquant_info", None) or {}).get("lkd")
+    lkd = (record_of(model) or {}).get("lkd")
     if not isinstance(lkd, dict) or not lkd.get("blocks"):
         return None
     return sorted(lkd["blocks"], key=lambda b: b["block"])

@@ -1,0 +1,47 @@
+"""Conversion to integer modules: swap a plan's linear layers for `QuantLinear`s.
+
+`convert_layers` quantizes float layers in place (what round-to-nearest is); `empty_layers` swaps
+in uninitialised `QuantLinear`s of the right shapes for a checkpoint's tensors to fill;
+`set_submodule` is the one module-swap primitive every step uses.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+from torch import Tensor, nn
+
+from .modules import QuantLinear, linear_features
+from .plan import LayerPlan, PLAN_ATTR, Plan
+from .record import RECORD_ATTR, QuantRecord
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def convert_layers(root: nn.Module, layers: Iterable[LayerPlan], absmax: Mapping[str, Tensor] | None = None,
+                   relative: bool = False) -> nn.Module:
+    """Replace each planned float layer of ``root`` by a `QuantLinear` of it; ``absmax`` holds the
+    calibrated input ranges of static layers by qualified name. With ``relative``, ``root`` is one
+    block and the layers are found by their names inside it."""
+    absmax = absmax or {}
+    for t in layers:
+        name = t.relative if relative else t.name
+        set_submodule(root, name, QuantLinear.from_float(root.get_submodule(name), t.spec, absmax.get(t.name)))
+    return root
+
+
+def empty_layers(model: nn.Module, plan: Plan) -> None:
+    """Swap every quantized layer of the plan for a `QuantLinear` of the same shape (to be loaded)."""
+    for t in plan.quantized():
+        src = model.get_submodule(t.name)
+        k, n = linear_features(src)
+        set_submodule(model, t.name, QuantLinear(k, n, t.spec, bias=src.bias is not None))
+
+
+def mark_quantized(model: nn.Module, plan: Plan, record: QuantRecord) -> None:
+    """Attach the plan (runtime only) and the record (saved with the model) to a quantized model."""
+    object.__setattr__(model, PLAN_ATTR, plan)      # a plain attribute: not a submodule or state
+    setattr(model, RECORD_ATTR, record)
