@@ -8,6 +8,7 @@ integer modules (`zquant.convert`) -> runtime preparation chosen by the kernel d
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -42,6 +43,14 @@ def load(model: str | os.PathLike, device: str | torch.device | None = None) -> 
 def load_tokenizer(model: str | os.PathLike):
     """The tokenizer that goes with `load(model)`."""
     return sources.load_tokenizer(model)
+
+
+def _warn_unmatched(plan: Plan) -> None:
+    """Say so when an override matches none of the model's block layers (a typo would be silent)."""
+    for o in plan.config.overrides:
+        if not any(o.matches(t.name) for t in plan.layers):
+            warnings.warn(f"zquant: override {o.pattern!r} matches no layer of this model (its layers are named "
+                          f"like {plan.layers[0].name!r})", UserWarning, stacklevel=3)
 
 
 def _algorithms(plan: Plan, config: QuantConfig, calibration, tokenizer, calib_text: str,
@@ -81,6 +90,7 @@ def quantize(model: nn.Module, scheme: str | QuantConfig, calibration: Iterable[
     config = get_scheme(scheme)
     refuse_quantized(model)
     plan = make_plan(model, config)
+    _warn_unmatched(plan)
     calibration = list(calibration) if calibration is not None else None
     steps = _algorithms(plan, config, calibration, tokenizer, calib_text, lkd)
     recorded = Pipeline(model, plan, steps, resume_dir=lkd_resume, quiet=quiet).run()

@@ -132,8 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args, scheme: str):
     import dataclasses
-    from .config import Override, get_scheme
+    from .config import ConfigError, Override, get_scheme
     config = get_scheme(scheme)
+    if args.group_size is not None and args.granularity != "input_group":
+        raise ConfigError("--group-size applies only with --granularity input_group")
     changes = {}
     if args.groups is not None:
         changes["groups"] = args.groups
@@ -148,8 +150,18 @@ def _config(args, scheme: str):
     return dataclasses.replace(config, overrides=config.overrides + tuple(overrides))
 
 
+def _json(data) -> str:
+    """Strict JSON (no NaN or infinity, which JSON does not have): a non-finite result is an error."""
+    try:
+        return json.dumps(data, allow_nan=False)
+    except ValueError:
+        raise ValueError("a result is not finite (NaN or infinity); the model's outputs overflowed") from None
+
+
 def _eval_opts(args):
     from .data import DEFAULT_EVAL_TEXT
+    if args.max_examples is not None and args.max_examples < 1:
+        raise ValueError(f"--max-examples must be at least 1, got {args.max_examples}")
     from .eval import EvalOptions
     return EvalOptions(text=args.ppl or DEFAULT_EVAL_TEXT, max_tokens=args.max_tokens or None, window=args.window,
                        max_examples=args.max_examples, quiet=args.quiet)
@@ -234,7 +246,7 @@ def cmd_eval(args) -> int:
     result = evaluate(model, tokenizer, opts, reference, label=Path(str(args.model)).name)
     result["model"] = str(args.model)
     if args.json:
-        print(json.dumps(result))
+        print(_json(result))
     else:
         for key, value in result.items():
             print(f"{key:>22}: {value}")
@@ -277,7 +289,7 @@ def cmd_compare(args) -> int:
                               command=getattr(args, "command_line", None))
         log(f"report written to {page}")
     if args.json:
-        print(json.dumps({"model": str(args.model), "rows": rows}))
+        print(_json({"model": str(args.model), "rows": rows}))
     else:
         print(format_table(rows))
     return 0

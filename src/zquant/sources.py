@@ -96,9 +96,9 @@ def _load_gguf(path: Path) -> nn.Module:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True,
-                                                     dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                     **NO_REMOTE)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **NO_REMOTE)
     # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
     # plain float tensors by now, so drop the marker before caching.
     model.hf_quantizer = None
@@ -114,13 +114,38 @@ def _load_gguf(path: Path) -> nn.Module:
     return model.eval()
 
 
+# What every transformers loader is given: never code from a model directory, never a hub.
+NO_REMOTE = {"local_files_only": True, "trust_remote_code": False}
+
+
+def refuse_custom_code(path: Path) -> None:
+    """Refuse a directory whose config or tokenizer config asks transformers to run its own Python
+    (``auto_map``): zquant never executes code that came with a model."""
+    import json
+    for name in ("config.json", "tokenizer_config.json"):
+        f = path / name
+        try:
+            data = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+        except (ValueError, UnicodeDecodeError, OSError):
+            raise ModelSourceError(f"{f}: not a readable JSON file") from None
+        if isinstance(data, dict) and "auto_map" in data:
+            raise ModelSourceError(f"{f} has an 'auto_map': the model needs its own Python code, and zquant never "
+                                   "runs code from a model directory")
+
+
 def _load_hf_dir(path: Path) -> nn.Module:
     from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    refuse_custom_code(path)
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.glob("*.bin"))
+        hint = (f" (it has {', '.join(pickled[:2])}, pickle files zquant does not load: convert them once with "
+                "transformers, model.save_pretrained(dir, safe_serialization=True))") if pickled else ""
+        raise ModelSourceError(f"{path}: no .safetensors weights{hint}")
+    config = AutoConfig.from_pretrained(path, **NO_REMOTE)
     cls = model_class_for(config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        model = cls.from_pretrained(path, dtype=torch.float32, use_safetensors=True, **NO_REMOTE)
     return model.eval()
 
 
@@ -139,8 +164,9 @@ def load_tokenizer(model: str | os.PathLike):
     if path.suffix == ".gguf":
         cached = _gguf_cache_path(path)
         if (cached / "tokenizer_config.json").exists():
-            return AutoTokenizer.from_pretrained(cached, local_files_only=True)
+            return AutoTokenizer.from_pretrained(cached, **NO_REMOTE)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **NO_REMOTE)
+    refuse_custom_code(path)
+    return AutoTokenizer.from_pretrained(path, **NO_REMOTE)

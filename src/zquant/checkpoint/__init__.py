@@ -102,7 +102,14 @@ def read_record(directory: str | os.PathLike, meta: dict | None = None) -> Quant
 
 
 def _weights_file(directory: Path, meta: dict) -> Path:
-    weights = directory / meta["weights"].get("file", WEIGHTS)
+    info = meta["weights"]
+    name = info.get("file", WEIGHTS) if isinstance(info, dict) else None
+    if not isinstance(name, str) or not name or name != Path(name).name or name in (".", ".."):
+        raise CheckpointError(f"{directory / META}: weights.file must be a plain file name inside the checkpoint, "
+                              f"got {name!r}")
+    weights = directory / name
+    if weights.is_symlink() and not weights.resolve().is_relative_to(directory.resolve()):
+        raise CheckpointError(f"{weights}: a symbolic link that leaves the checkpoint directory")
     if not weights.is_file():
         raise CheckpointError(f"{directory}: weights file {weights.name} is missing")
     if weights.stat().st_size != meta["weights"].get("bytes"):
