@@ -4,7 +4,9 @@ load (runtime prepared), evaluate, from the command line as a user would, on tin
 Block layouts covered: pre-norm (phi, bloom, gemma, phi3, gpt_bigcode, megatron-bert) and
 post-norm (distilbert, mpnet) blocks; plain (fc1/fc2, dense_h_to_4h) and gated (gate/up/down,
 phi3's fused gate_up_proj) MLPs; separate q/k/v and fused QKV (bloom, phi3, gpt_bigcode);
-parallel attention + MLP (phi).
+parallel attention + MLP (phi). The generic adapter declares the fusions it can name (pre-norm
+norms feeding q/k/v or the MLP input, Llama-style gated MLPs); the fused models must equal the
+reference path bit for bit.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ def _configs():
                                      bos_token_id=1, eos_token_id=2, **small),
         "gpt_bigcode": lambda: T.GPTBigCodeConfig(vocab_size=V, n_embd=48, n_layer=2, n_head=4, n_positions=128,
                                                   bos_token_id=1, eos_token_id=2),
+        "stablelm": lambda: T.StableLmConfig(hidden_size=64, intermediate_size=96, num_key_value_heads=4,
+                                             partial_rotary_factor=0.5, **small),
         "distilbert": lambda: T.DistilBertConfig(vocab_size=V, dim=48, hidden_dim=96, n_layers=2, n_heads=4,
                                                  max_position_embeddings=128),
         "megatron-bert": lambda: T.MegatronBertConfig(hidden_size=48, intermediate_size=96, **small),
@@ -41,11 +45,11 @@ def _configs():
     }
 
 
-DECODERS = ["phi", "bloom", "gemma", "phi3", "gpt_bigcode"]
+DECODERS = ["phi", "bloom", "gemma", "phi3", "gpt_bigcode", "stablelm"]
 ENCODERS = ["distilbert", "megatron-bert", "mpnet"]
 # (attention layers, MLP layers) per block, as the generic adapter should classify them
 LAYERS = {"phi": (4, 2), "bloom": (2, 2), "gemma": (4, 3), "phi3": (2, 2), "gpt_bigcode": (2, 2),
-          "distilbert": (4, 2), "megatron-bert": (4, 2), "mpnet": (4, 2)}
+          "stablelm": (4, 3), "distilbert": (4, 2), "megatron-bert": (4, 2), "mpnet": (4, 2)}
 
 
 def _model_dir(tmp_path, model_type: str):
@@ -113,3 +117,22 @@ def test_plan_is_computed_once_per_quantize_and_per_load(tmp_path, monkeypatch):
     zquant.load(tmp_path / "c")
     zquant.quantize(make_tiny("gpt2"), "w4/8a8")
     assert len(adapters) == 2
+
+
+# model type -> the fused module kinds the generic adapter's declarations give
+GENERIC_FUSIONS = {"phi": {"FusedNorm"}, "bloom": {"FusedNorm"}, "gpt_bigcode": {"FusedNorm"},
+                   "stablelm": {"FusedNorm", "FusedGatedMLP"}}
+
+
+@pytest.mark.usefixtures("cpu_extension")
+@pytest.mark.parametrize("model_type", sorted(GENERIC_FUSIONS))
+def test_generic_fusions_match_the_reference_path(tmp_path, model_type):
+    from zquant import fusion, kernels
+    model, _ = _model_dir(tmp_path, model_type)
+    q = zquant.quantize(model, "w8a8")
+    assert {type(m).__name__ for m in q.modules() if isinstance(m, fusion._Fused)} == GENERIC_FUSIONS[model_type]
+    ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fast = q(input_ids=ids).logits
+        with kernels.use_backend("reference"):
+            assert torch.equal(q(input_ids=ids).logits, fast)

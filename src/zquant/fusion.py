@@ -35,6 +35,8 @@ from .modules import QuantLinear
 from .plan import Plan, plan_of
 
 # Normalizations the kernel computes, by class name; the formula must match the kernel's.
+# The gated epilogue computes act(gate) * up for these activations only.
+GATED_ACTS = ("silu",)
 NORM_KINDS = {"LayerNorm": "layer", "LlamaRMSNorm": "rms", "MistralRMSNorm": "rms", "Qwen2RMSNorm": "rms"}
 
 
@@ -216,7 +218,7 @@ def _fuse_gated(d: GatedMLP, block: nn.Module, following: nn.Module | None) -> n
     if module is None or isinstance(module, _Fused):
         return None
     g, u, kind = _get(module, d.gate), _get(module, d.up), _activation(module, d.act)
-    if (kind is None or not isinstance(g, QuantLinear) or not isinstance(u, QuantLinear) or g.spec != u.spec
+    if (kind not in GATED_ACTS or not isinstance(g, QuantLinear) or not isinstance(u, QuantLinear) or g.spec != u.spec
             or (g.in_features, g.out_features) != (u.in_features, u.out_features)
             or not _only_children_state(module, (d.gate, d.up, d.down, d.act))):
         return None

@@ -125,7 +125,33 @@ def generic_adapter(model: nn.Module) -> Adapter:
     linears = [n for n, m in blocks[0].named_modules() if is_float_linear(m)]
     mlp = tuple(n for n in linears if _MLP_NAME.search(n))
     attention = tuple(n for n in linears if n not in mlp)
-    return Adapter(f"generic:{model_type}", (model_type,), model_kind(model), blocks_name, attention, mlp)
+    return Adapter(f"generic:{model_type}", (model_type,), model_kind(model), blocks_name, attention, mlp,
+                   _generic_fusions(blocks[0], linears))
+
+
+# Layers that read a pre-norm block's normalized input first, by name: q/k/v (or fused QKV) after
+# the attention norm, the MLP's input projections after the MLP norm.
+_NORM_READERS = {
+    "attention": re.compile(r"(^|\.)(q_proj|k_proj|v_proj|qkv_proj|query_key_value|c_attn|Wqkv)$"),
+    "mlp": re.compile(r"(^|\.)(gate_proj|up_proj|gate_up_proj|fc1|fc_in|c_fc|dense_h_to_4h)$"),
+}
+_NORM_NAMES = {"input_layernorm": "attention", "ln_1": "attention", "post_attention_layernorm": "mlp", "ln_2": "mlp"}
+
+
+def _generic_fusions(block: nn.Module, linears: list[str]) -> tuple[Fusion, ...]:
+    """Fusions a block of an unknown family declares by its names (pre-norm norms and Llama-style
+    gated MLPs). Only declarations: `zquant.fusion` fuses a module only where the kernels compute
+    exactly what it does (the norm class, the activation op and the layers' specs are checked)."""
+    out: list[Fusion] = []
+    for name, child in block.named_children():
+        group = _NORM_NAMES.get(name)
+        readers = tuple(n for n in linears if group and _NORM_READERS[group].search(n))
+        if readers:
+            out.append(NormFeed(name, readers))
+    for name, module in block.named_modules():
+        if name and all(hasattr(module, c) for c in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            out.append(GatedMLP(name, gate="gate_proj", up="up_proj", down="down_proj", act="act_fn"))
+    return tuple(out)
 
 
 class UnsupportedModelError(ValueError):
