@@ -45,11 +45,8 @@ from ..config import ActQuant
 from . import Backend, build, register
 from .activation import ATTR, QuantizedActivation, attach, attached  # noqa: F401 -- ATTR: where tests look
 
-ACT_CODES = {"relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
-NORM_CODES = {"rms": 0, "layer": 1}
 # int32 accumulation of u8 (<= 255) x s8 (<= 127 in magnitude) products stays exact below this.
 MAX_K = 65536
-_NO_QUANT = -1
 # How many linear calls reused an attached quantization / quantized their input themselves
 # (tests check that the fusions are really taken; two integer increments per call).
 stats = {"reused": 0, "quantized": 0}
@@ -80,6 +77,25 @@ def _kernel(name: str, *args):
     return fn(*args)
 
 
+class _Codes:
+    """The integer codes of activations (``act``), quantization modes (``qmode``: none, sym, asym,
+    static) and norms (``norm``): the C++ enums, exported by the extension, read on first use."""
+
+    def __getattr__(self, name: str):     # only until the attributes are set, on first use
+        ops = _ops()
+        self.act, self.qmode, self.norm = dict(ops.ACT_CODES), dict(ops.QUANT_MODES), dict(ops.NORM_CODES)
+        return object.__getattribute__(self, name)
+
+
+_codes = _Codes()
+
+
+def __getattr__(name: str):               # cpu.ACT_CODES / cpu.NORM_CODES: the extension's tables
+    if name in ("ACT_CODES", "NORM_CODES"):
+        return getattr(_ops(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _attach(y: Tensor, outs: list[Tensor], out: ActQuant | None) -> Tensor:
     if out is not None and len(outs) == 4:
         attach(y, outs[1], outs[2], outs[3], out.symmetric)
@@ -88,8 +104,8 @@ def _attach(y: Tensor, outs: list[Tensor], out: ActQuant | None) -> Tensor:
 
 def _out_mode(out: ActQuant | None) -> int:
     if out is None or out.mode != "dynamic":
-        return _NO_QUANT
-    return 0 if out.symmetric else 1
+        return _codes.qmode["none"]
+    return _codes.qmode["sym" if out.symmetric else "asym"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,9 +221,9 @@ def _run(module, p: PackedWeight, x: Tensor, act: int, out: ActQuant | None) -> 
         x2 = x2.contiguous()
     qa = None
     if spec.mode == "static":
-        amode, static_scale = 2, float(module.act_scale)
+        amode, static_scale = _codes.qmode["static"], float(module.act_scale)
     else:
-        amode, static_scale = (0 if spec.symmetric else 1), 0.0
+        amode, static_scale = _codes.qmode["sym" if spec.symmetric else "asym"], 0.0
         qa = attached(x, spec)
     if qa is None:
         stats["quantized"] += 1
@@ -222,31 +238,31 @@ def _run(module, p: PackedWeight, x: Tensor, act: int, out: ActQuant | None) -> 
 
 def linear(module, x: Tensor) -> Tensor:
     """``y [..., N] = x [..., K] W^T + b`` for a `QuantLinear`, in x's dtype."""
-    return _run(module, _packed(module), x, 0, None)
+    return _run(module, _packed(module), x, _codes.act["none"], None)
 
 
 def linear_act(module, x: Tensor, act: str, out: ActQuant | None = None) -> Tensor:
     """``act(linear(x))`` with the activation in the GEMM epilogue, quantized for the next layer
     when ``out`` (that layer's activation spec) asks for dynamic quantization."""
-    return _run(module, _packed(module), x, ACT_CODES[act], out)
+    return _run(module, _packed(module), x, _codes.act[act], out)
 
 
 def gated(gate, up, x: Tensor, act: str, out: ActQuant | None = None) -> Tensor:
     """``act(gate(x)) * up(x)`` in one GEMM over interleaved weights (gate and up share x's quantization)."""
-    return _run(gate, _packed_gated(gate, up), x, ACT_CODES[act], out)
+    return _run(gate, _packed_gated(gate, up), x, _codes.act[act], out)
 
 
 def norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, kind: str,
          out: ActQuant | None) -> Tensor:
     """RMSNorm (``kind="rms"``, Llama's) or LayerNorm over the last dim, quantized for the consumers."""
     x2 = x.detach() if x.requires_grad else x
-    outs = _kernel("norm_quant", x2.contiguous(), weight, bias, float(eps), NORM_CODES[kind], _out_mode(out))
+    outs = _kernel("norm_quant", x2.contiguous(), weight, bias, float(eps), _codes.norm[kind], _out_mode(out))
     return _attach(outs[0], outs, out)
 
 
 def quantize(x: Tensor, act: ActQuant, static_scale: float = 0.0) -> QuantizedActivation:
     """Token-wise (or static) quantization of ``x`` [M, K] in the kernel's format (tests, benchmarks)."""
-    mode = 2 if act.mode == "static" else (0 if act.symmetric else 1)
+    mode = _codes.qmode["static" if act.mode == "static" else ("sym" if act.symmetric else "asym")]
     u, s, o = _kernel("quantize", x.contiguous(), mode, float(static_scale))
     return QuantizedActivation(u, s, o, act.symmetric, None)
 

@@ -45,10 +45,26 @@ constexpr int kTile = 16;       // output rows (packed columns) per tile = int32
 constexpr int kMR = 6;          // activation rows per micro-kernel
 constexpr int kMaxNV = 4;       // tiles per micro-kernel (6 x 4 = 24 accumulators)
 
+// The codes that cross from Python as integers. They are defined here only: the module exports
+// each enum as a {name: code} dict (ACT_CODES, QUANT_MODES, NORM_CODES), which cpu.py reads.
+//
 // Activations after a linear layer. In a gated GEMM (act(gate) * up) only SiLU, computed in the
 // epilogue exactly as torch does; after a plain GEMM, torch's own in-place op runs on the output.
 enum Act : int64_t { kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4 };
+// How an activation is quantized: token-wise symmetric / asymmetric, or with one static scale;
+// kNoQuant: not at all (a linear or norm output that no consumer wants quantized).
 enum QMode : int64_t { kNoQuant = -1, kSym = 0, kAsym = 1, kStatic = 2 };
+// The fused normalizations: Llama's RMSNorm, or LayerNorm.
+enum Norm : int64_t { kRms = 0, kLayer = 1 };
+
+struct CodeName {
+  const char* name;
+  int64_t code;
+};
+constexpr CodeName kActNames[] = {{"none", kNone}, {"relu", kRelu}, {"gelu", kGelu}, {"gelu_tanh", kGeluTanh},
+                                  {"silu", kSilu}};
+constexpr CodeName kQModeNames[] = {{"none", kNoQuant}, {"sym", kSym}, {"asym", kAsym}, {"static", kStatic}};
+constexpr CodeName kNormNames[] = {{"rms", kRms}, {"layer", kLayer}};
 
 static inline __mmask16 tail_mask(int64_t n) {
   return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
@@ -337,15 +353,16 @@ std::vector<Tensor> quantize(const Tensor& x, int64_t mode, double static_scale)
 // Fused normalization + quantization
 // ------------------------------------------------------------------------------------------
 
-// norm_quant(x [..., K], weight [K]?, bias [K]?, eps, kind (0 = RMSNorm, 1 = LayerNorm), mode)
-//   -> (y [..., K] in x's dtype, u uint8 [M, Kp], scale [M], offset [M]); mode -1 = y only.
+// norm_quant(x [..., K], weight [K]?, bias [K]?, eps, kind (kRms / kLayer), mode)
+//   -> (y [..., K] in x's dtype, u uint8 [M, Kp], scale [M], offset [M]); mode kNoQuant = y only.
 // y is written once; the quantization then re-reads the row just written (still in L1), so the
 // quantized values are exactly those a consumer would compute from y.
 std::vector<Tensor> norm_quant(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
                                double eps, int64_t kind, int64_t mode) {
   at::NoGradGuard no_grad;   // no autograd graph inside (e.g. LayerNorm's weight): no gradient here
   check_x(x);
-  TORCH_CHECK(kind == 0 || kind == 1, "zquant_cpu.norm_quant: kind must be 0 (RMSNorm) or 1 (LayerNorm)");
+  TORCH_CHECK(kind == kRms || kind == kLayer, "zquant_cpu.norm_quant: kind must be ", int64_t(kRms),
+              " (RMSNorm) or ", int64_t(kLayer), " (LayerNorm), got ", kind);
   const int64_t M = rows_of(x), K = x.size(-1), Kp = round_up(K, 4);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   const bool quant = mode != kNoQuant;
@@ -357,7 +374,7 @@ std::vector<Tensor> norm_quant(const Tensor& x, const std::optional<Tensor>& wei
   int32_t* op = quant ? o.data_ptr<int32_t>() : nullptr;
   const int64_t es = bf16 ? 2 : 4;
   Tensor y;
-  if (kind == 1) {
+  if (kind == kLayer) {
     // LayerNorm: torch's own kernel, bit-identical to the module by construction; the
     // quantization then reads each row once more.
     y = at::layer_norm(x, {K}, weight, bias, eps);
@@ -842,7 +859,17 @@ std::vector<Tensor> linear(const Tensor& x, const std::optional<Tensor>& qa, con
 
 // A Python module (pybind11), not torch.ops operators: a call through the dispatcher costs ~2 us
 // more, as much as a whole decode-sized GEMM. The GIL is released while a kernel runs.
+template <size_t N>
+static pybind11::dict code_dict(const zq::CodeName (&names)[N]) {
+  pybind11::dict d;
+  for (const auto& n : names) d[n.name] = n.code;
+  return d;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("ACT_CODES") = code_dict(zq::kActNames);
+  m.attr("QUANT_MODES") = code_dict(zq::kQModeNames);
+  m.attr("NORM_CODES") = code_dict(zq::kNormNames);
   const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
   m.def("quantize", &zq::quantize, "token-wise INT8 quantization of x [..., K]", nogil);
   m.def("norm_quant", &zq::norm_quant, "RMSNorm / LayerNorm, quantized for the next layer", nogil);
