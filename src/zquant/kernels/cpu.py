@@ -21,17 +21,21 @@ activations are torch's own ops, run inside the fused op. This matters: INT8 rou
 1-ulp difference into a 1-LSB one, and on models with massive activation outliers (SmolLM2) such
 flips move the perplexity in its third digit.
 
-Paths by shape (all inside one C++ call; measured in docs/benchmarks.md):
+Paths by shape (all inside one C++ call; measured in docs/benchmarks.md). The thresholds are
+constants of csrc/zquant_cpu.cpp, and attributes of the extension module under these names:
 
-* Fewer than 24 rows per thread (M < 48 with 2 threads), or a weight over 8 MB: the threads
-  split the output columns, each streaming only its part of the weight (decode is weight-
-  bandwidth bound), after quantizing their share of the rows; micro-kernels of up to 6 rows x
-  64 columns, with 2-4 interleaved accumulator sets when there are 1-3 rows so that one token
-  still keeps 16 VNNI chains busy. With 8+ row blocks, the next weight strip is prefetched while
-  one strip runs (those weights come from L3 or DRAM).
-* More rows and a weight of at most 8 MB (L3-resident): the threads split the rows; each
-  quantizes, multiplies and re-quantizes its own row blocks while they are in L2, with no barrier.
-* Tiny layers (M x N x K < 2^17) run on one thread: a fork/join would cost more.
+* Fewer than ROW_SPLIT_MIN_ROWS_PER_THREAD rows per thread (ROW_SPLIT_MIN_ROWS_PER_THREAD_NARROW
+  when the weight has fewer than two 16-column tiles, gated: tile pairs, per thread), or a weight
+  over ROW_SPLIT_MAX_WEIGHT_BYTES: the threads split the output columns, each streaming only its
+  part of the weight (decode is weight-bandwidth bound), after quantizing their share of the rows;
+  micro-kernels of up to 6 rows x 64 columns, with 2-4 interleaved accumulator sets when there are
+  1-3 rows so that one token still keeps 16 VNNI chains busy. With PREFETCH_BLOCKS or more row
+  blocks, the next weight strip is prefetched while one strip runs (those weights come from L3 or
+  DRAM).
+* More rows and a weight of at most ROW_SPLIT_MAX_WEIGHT_BYTES (L3-resident): the threads split
+  the rows; each quantizes, multiplies and re-quantizes its own row blocks while they are in L2,
+  with no barrier.
+* Tiny layers (M x N x K < SINGLE_THREAD_MAX_MNK) run on one thread: a fork/join would cost more.
 """
 from __future__ import annotations
 

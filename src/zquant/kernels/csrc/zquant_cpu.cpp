@@ -657,8 +657,21 @@ static inline int64_t block_rows(int64_t Kp) {
   return std::max<int64_t>(kMR, (524288 / std::max<int64_t>(Kp, 1)) / kMR * kMR);
 }
 
+// Path selection by shape: the thresholds, defined here only (exported to Python under the names
+// in PYBIND11_MODULE; cpu.py's docstring describes the paths by them). Measured in docs/benchmarks.md.
+//
 // Row blocks per strip from which the next strip is prefetched (see gemm_part).
 constexpr int64_t kPrefetchBlocks = 8;
+// Rows per thread from which the threads split the rows of a GEMM (see split_by_rows): 24. Below
+// that a call is decode-sized and weight-bandwidth bound, and the threads split the columns.
+constexpr int64_t kRowSplitMinRowsPerThread = 4 * kMR;
+// The same for weights of fewer than 2 column units (tiles, or gate/up pairs) per thread, which
+// a column split would leave some threads without: 12.
+constexpr int64_t kRowSplitMinRowsPerThreadNarrow = 2 * kMR;
+// The largest packed weight split by rows, every thread streaming all of it: 8 MB, L3-resident.
+constexpr int64_t kRowSplitMaxWeightBytes = int64_t(8) << 20;
+// GEMMs with M x N x K below this run on one thread, a fork/join costing more: 2^17.
+constexpr int64_t kSingleThreadMaxMNK = int64_t(1) << 17;
 
 // Output columns of `units` (tiles, or gate/up tile pairs) [u0, u1) for rows [m0, m1).
 // Loops: blocks of MC rows; strips of up to 4 tiles (their weights stay in L1 / L2 while every
@@ -710,11 +723,11 @@ static void in_team(int64_t nt, const F& f) {
 // Threads for a GEMM of this size: a fork/join costs a few microseconds, a tiny layer less.
 static int64_t team_size(int64_t M, int64_t N, int64_t K) {
   const int64_t T = std::max<int64_t>(1, at::get_num_threads());
-  return M * N * K < (int64_t(1) << 17) ? 1 : T;
+  return M * N * K < kSingleThreadMaxMNK ? 1 : T;
 }
 
 // How a GEMM is shared by nt threads. By rows when there are enough of them and the weight is
-// small enough (<= 8 MB, L3-resident) for every thread to stream it: then each thread quantizes,
+// small enough (L3-resident) for every thread to stream it: then each thread quantizes,
 // multiplies and re-quantizes its own row blocks while they are hot, with no barrier. Otherwise
 // by output columns (each thread streams only its part of the weight: what decode and big
 // weights need), with barriers between the quantization, the GEMM and the output quantization.
@@ -722,8 +735,8 @@ static bool split_by_rows(const Gemm& g, int64_t nt) {
   if (nt == 1) return true;
   const int64_t units = g.gated ? g.ntiles / 2 : g.ntiles;
   const int64_t weight_bytes = g.ntiles * packed_tile_bytes(g);
-  if (units < 2 * nt) return g.M >= 2 * kMR * nt;
-  return weight_bytes <= (8 << 20) && g.M >= 4 * kMR * nt;
+  if (units < 2 * nt) return g.M >= kRowSplitMinRowsPerThreadNarrow * nt;
+  return weight_bytes <= kRowSplitMaxWeightBytes && g.M >= kRowSplitMinRowsPerThread * nt;
 }
 
 // Rows [m0, m1) of thread t's even share of M rows.
@@ -870,6 +883,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("ACT_CODES") = code_dict(zq::kActNames);
   m.attr("QUANT_MODES") = code_dict(zq::kQModeNames);
   m.attr("NORM_CODES") = code_dict(zq::kNormNames);
+  m.attr("ROW_SPLIT_MIN_ROWS_PER_THREAD") = zq::kRowSplitMinRowsPerThread;
+  m.attr("ROW_SPLIT_MIN_ROWS_PER_THREAD_NARROW") = zq::kRowSplitMinRowsPerThreadNarrow;
+  m.attr("ROW_SPLIT_MAX_WEIGHT_BYTES") = zq::kRowSplitMaxWeightBytes;
+  m.attr("SINGLE_THREAD_MAX_MNK") = zq::kSingleThreadMaxMNK;
+  m.attr("PREFETCH_BLOCKS") = zq::kPrefetchBlocks;
   const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
   m.def("quantize", &zq::quantize, "token-wise INT8 quantization of x [..., K]", nogil);
   m.def("norm_quant", &zq::norm_quant, "RMSNorm / LayerNorm, quantized for the next layer", nogil);
