@@ -752,8 +752,122 @@ struct ActScratch {
 };
 static thread_local ActScratch act_scratch;
 
+// A token-wise quantized activation in the kernel's format: u [M, Kp], scale [M], offset [M].
+struct QuantRows {
+  uint8_t* u;
+  float* s;
+  int32_t* o;
+};
+
+// The activation `linear` multiplies: the one its producer quantized (qa, ascale, aoff: checked
+// against M x Kp) when `given`, else this thread's scratch buffers, for x's quantization.
+static QuantRows input_rows(bool given, const std::optional<Tensor>& qa, const std::optional<Tensor>& ascale,
+                            const std::optional<Tensor>& aoff, int64_t M, int64_t Kp) {
+  if (given) {
+    TORCH_CHECK(qa->dim() == 2 && qa->size(0) == M && qa->size(1) == Kp && qa->is_contiguous() &&
+                qa->scalar_type() == at::kByte, "zquant_cpu.linear: quantized activation does not match x");
+    TORCH_CHECK(ascale.has_value() && aoff.has_value() && ascale->numel() == M && aoff->numel() == M &&
+                ascale->scalar_type() == at::kFloat && aoff->scalar_type() == at::kInt, "zquant_cpu.linear: activation scales");
+    return {qa->data_ptr<uint8_t>(), ascale->data_ptr<float>(), aoff->data_ptr<int32_t>()};
+  }
+  ActScratch& a = act_scratch;
+  if ((int64_t)a.u.size() < M * Kp) a.u.resize(M * Kp);
+  if ((int64_t)a.s.size() < M) { a.s.resize(M); a.o.resize(M); }
+  return {a.u.data(), a.s.data(), a.o.data()};
+}
+
+// The output's quantization for the next layer, returned with y: u [M, Np4], scale [M], offset [M]
+// (undefined tensors, null pointers when out_mode is kNoQuant).
+struct OutQuant {
+  Tensor u, s, o;
+  QuantRows rows;
+};
+
+static OutQuant output_rows(const Tensor& x, int64_t M, int64_t N, int64_t out_mode) {
+  if (out_mode == kNoQuant) return {Tensor(), Tensor(), Tensor(), {nullptr, nullptr, nullptr}};
+  OutQuant q{at::empty({M, round_up(N, 4)}, x.options().dtype(at::kByte)), at::empty({M}, x.options().dtype(at::kFloat)),
+             at::empty({M}, x.options().dtype(at::kInt)), {}};
+  q.rows = {q.u.data_ptr<uint8_t>(), q.s.data_ptr<float>(), q.o.data_ptr<int32_t>()};
+  return q;
+}
+
+// Checks a packed weight (wpack, wsum, wscale, wbias?) against K4 groups of 4 inputs and N
+// outputs; returns its number of 16-row tiles.
+static int64_t check_packed_weight(const Tensor& wpack, const Tensor& wsum, const Tensor& wscale,
+                                   const std::optional<Tensor>& wbias, int64_t bits, int64_t N, int64_t K, int64_t K4,
+                                   bool gated) {
+  TORCH_CHECK(bits == 8 || bits == 4, "zquant_cpu.linear: bits must be 4 or 8");
+  TORCH_CHECK(wpack.is_contiguous() && wsum.is_contiguous() && wscale.is_contiguous(), "zquant_cpu.linear: packed weight");
+  const int64_t ntiles = wsum.numel() / kTile;
+  TORCH_CHECK(wpack.numel() == ntiles * K4 * (bits == 8 ? 64 : 32) && wscale.numel() == ntiles * kTile,
+              "zquant_cpu.linear: packed weight does not match K=", K);
+  TORCH_CHECK(N <= (gated ? ntiles / 2 : ntiles) * kTile, "zquant_cpu.linear: N larger than the packed weight");
+  if (wbias.has_value() && wbias->defined())
+    TORCH_CHECK(wbias->numel() == ntiles * kTile && wbias->is_contiguous(), "zquant_cpu.linear: bias");
+  return ntiles;
+}
+
+// Rows [r0, r1) of a row-major [M, K] matrix in x's dtype (the input x, or the output y for the
+// next layer) quantized with `mode` into `dst` ([M, Kp]).
+struct RowQuantizer {
+  const char* src;
+  int64_t K, Kp;
+  bool bf16;
+  int64_t mode;
+  float static_scale;
+  QuantRows dst;
+  void operator()(int64_t r0, int64_t r1) const {
+    const int64_t row_bytes = K * (bf16 ? 2 : 4);
+    for (int64_t m = r0; m < r1; ++m)
+      quantize_row(src + m * row_bytes, bf16, K, Kp, mode, static_scale, dst.u + m * Kp, dst.s + m, dst.o + m);
+  }
+};
+
+// Thread t's part of a GEMM split by rows (see split_by_rows): its own row blocks, each quantized
+// (qin), multiplied and re-quantized for the next layer (qout) while it is in L2, with no barrier.
+// A null qin / qout: nothing to quantize (the input came quantized / no output quantization here).
+static void rows_part(const Gemm& g, const RowQuantizer* qin, const RowQuantizer* qout, int64_t t, int64_t nt) {
+  const int64_t units = g.gated ? g.ntiles / 2 : g.ntiles;
+  const int64_t blocks = (g.M + kMR - 1) / kMR, MC = block_rows(g.K4 * 4);
+  const int64_t m0 = blocks * t / nt * kMR, m1 = std::min(g.M, blocks * (t + 1) / nt * kMR);
+  for (int64_t mc = m0; mc < m1; mc += MC) {
+    const int64_t me = std::min(mc + MC, m1);
+    if (qin) (*qin)(mc, me);
+    gemm_part(g, 0, units, mc, me, false);
+    if (qout) (*qout)(mc, me);
+  }
+}
+
+// Thread t's part of a GEMM split by output columns: it quantizes its share of the rows, then
+// multiplies all rows by its share of the weight (streaming only that part), then quantizes its
+// share of the output rows; the barriers wait for the other threads' rows and columns.
+static void columns_part(const Gemm& g, const RowQuantizer* qin, const RowQuantizer* qout, int64_t t, int64_t nt) {
+  const int64_t units = g.gated ? g.ntiles / 2 : g.ntiles;
+  const auto [r0, r1] = row_share(g.M, t, nt);
+  if (qin) {
+    (*qin)(r0, r1);
+#pragma omp barrier
+  }
+  gemm_part(g, units * t / nt, units * (t + 1) / nt, 0, g.M, true);
+  if (qout) {
+#pragma omp barrier
+    (*qout)(r0, r1);
+  }
+}
+
+// A plain GEMM's activation: torch's own in-place op on the output (bit-identical to the model's
+// module), run after the GEMM's team.
+static void apply_act(Tensor& y, int64_t act) {
+  switch (act) {
+    case kRelu: at::relu_(y); break;
+    case kGelu: at::gelu_(y, "none"); break;
+    case kGeluTanh: at::gelu_(y, "tanh"); break;
+    default: at::silu_(y); break;
+  }
+}
+
 // linear(x [..., K], qa?, ascale?, aoff?, amode, static_scale, wpack, wsum [Np], wscale [Np], wbias [Np]?,
-//        bits, N, act, gated, out_mode) -> [y [..., N]] or [y, u, scale, offset] when out_mode >= 0.
+//        bits, N, act, gated, out_mode) -> [y [..., N]] or [y, u, scale, offset] unless out_mode is kNoQuant.
 // With qa given, x only supplies M and the output dtype (its quantization was fused upstream);
 // otherwise x is quantized here with `amode`. out_mode quantizes y for the next layer.
 std::vector<Tensor> linear(const Tensor& x, const std::optional<Tensor>& qa, const std::optional<Tensor>& ascale,
@@ -763,109 +877,45 @@ std::vector<Tensor> linear(const Tensor& x, const std::optional<Tensor>& qa, con
   at::NoGradGuard no_grad;   // no autograd graph inside (e.g. LayerNorm's weight): no gradient here
   check_x(x);
   const int64_t M = rows_of(x), K = x.size(-1), Kp = round_up(K, 4), K4 = Kp / 4;
-  TORCH_CHECK(bits == 8 || bits == 4, "zquant_cpu.linear: bits must be 4 or 8");
-  TORCH_CHECK(wpack.is_contiguous() && wsum.is_contiguous() && wscale.is_contiguous(), "zquant_cpu.linear: packed weight");
-  const int64_t ntiles = wsum.numel() / kTile;
-  TORCH_CHECK(wpack.numel() == ntiles * K4 * (bits == 8 ? 64 : 32) && wscale.numel() == ntiles * kTile,
-              "zquant_cpu.linear: packed weight does not match K=", K);
-  TORCH_CHECK(N <= (gated ? ntiles / 2 : ntiles) * kTile, "zquant_cpu.linear: N larger than the packed weight");
+  const int64_t ntiles = check_packed_weight(wpack, wsum, wscale, wbias, bits, N, K, K4, gated);
   TORCH_CHECK(amode == kSym || amode == kAsym || amode == kStatic, "zquant_cpu.linear: bad activation mode");
-  const float* wb = nullptr;
-  if (wbias.has_value() && wbias->defined()) {
-    TORCH_CHECK(wbias->numel() == ntiles * kTile && wbias->is_contiguous(), "zquant_cpu.linear: bias");
-    wb = wbias->data_ptr<float>();
-  }
+  TORCH_CHECK(out_mode == kNoQuant || out_mode == kSym || out_mode == kAsym,
+              "zquant_cpu.linear: bad output quantization mode");
+  TORCH_CHECK(act >= kNone && act <= kSilu && (!gated || act == kSilu), "zquant_cpu.linear: bad activation ", act);
+  const float* wb = wbias.has_value() && wbias->defined() ? wbias->data_ptr<float>() : nullptr;
   const bool given = qa.has_value() && qa->defined();
-  uint8_t* u;
-  float* s;
-  int32_t* o;
-  if (given) {
-    TORCH_CHECK(qa->dim() == 2 && qa->size(0) == M && qa->size(1) == Kp && qa->is_contiguous() &&
-                qa->scalar_type() == at::kByte, "zquant_cpu.linear: quantized activation does not match x");
-    TORCH_CHECK(ascale.has_value() && aoff.has_value() && ascale->numel() == M && aoff->numel() == M &&
-                ascale->scalar_type() == at::kFloat && aoff->scalar_type() == at::kInt, "zquant_cpu.linear: activation scales");
-    u = qa->data_ptr<uint8_t>();
-    s = ascale->data_ptr<float>();
-    o = aoff->data_ptr<int32_t>();
-  } else {
-    ActScratch& a = act_scratch;
-    if ((int64_t)a.u.size() < M * Kp) a.u.resize(M * Kp);
-    if ((int64_t)a.s.size() < M) { a.s.resize(M); a.o.resize(M); }
-    u = a.u.data(); s = a.s.data(); o = a.o.data();
-  }
+  const QuantRows in = input_rows(given, qa, ascale, aoff, M, Kp);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   Tensor y = at::empty(with_last(x, N), x.options());
-  Tensor qy, sy, oy;
-  if (out_mode != kNoQuant) {
-    TORCH_CHECK(out_mode == kSym || out_mode == kAsym, "zquant_cpu.linear: bad output quantization mode");
-    qy = at::empty({M, round_up(N, 4)}, x.options().dtype(at::kByte));
-    sy = at::empty({M}, x.options().dtype(at::kFloat));
-    oy = at::empty({M}, x.options().dtype(at::kInt));
-  }
-  TORCH_CHECK(act >= kNone && act <= kSilu && (!gated || act == kSilu), "zquant_cpu.linear: bad activation ", act);
+  OutQuant out = output_rows(x, M, N, out_mode);
   // silu's vector iterations cover 2 (AVX-512) vectors of x's dtype: 32 floats or 64 bfloat16s
   const ScalarTails tails(M * N, at::get_num_threads(), bf16 ? 64 : 32);
-  Gemm g{u, Kp, s, o, M, static_cast<const uint8_t*>(wpack.data_ptr()), bits, K4, ntiles,
+  Gemm g{in.u, Kp, in.s, in.o, M, static_cast<const uint8_t*>(wpack.data_ptr()), bits, K4, ntiles,
          wsum.data_ptr<int32_t>(), wscale.data_ptr<float>(), wb, gated, &tails,
          static_cast<char*>(y.data_ptr()), bf16, N};
-  // A plain GEMM's activation is torch's own op on the output (bit-identical to the model's
-  // module), so the output can only be quantized after it: then outside the GEMM's team.
-  const bool post_act = !gated && act != kNone;
-  const int64_t team_out_mode = post_act ? kNoQuant : out_mode;
-  const char* xb = static_cast<const char*>(x.data_ptr());
-  const int64_t es = bf16 ? 2 : 4, Np4 = round_up(N, 4);
-  const float ss = (float)static_scale;
-  uint8_t* qyp = out_mode != kNoQuant ? qy.data_ptr<uint8_t>() : nullptr;
-  float* syp = out_mode != kNoQuant ? sy.data_ptr<float>() : nullptr;
-  int32_t* oyp = out_mode != kNoQuant ? oy.data_ptr<int32_t>() : nullptr;
-  auto quantize_in = [&](int64_t r0, int64_t r1) {
-    for (int64_t m = r0; m < r1; ++m) quantize_row(xb + m * K * es, bf16, K, Kp, amode, ss, u + m * Kp, s + m, o + m);
-  };
-  auto quantize_out = [&](int64_t r0, int64_t r1) {
-    for (int64_t m = r0; m < r1; ++m)
-      quantize_row(g.out + m * N * es, bf16, N, Np4, out_mode, 0.f, qyp + m * Np4, syp + m, oyp + m);
-  };
-  const int64_t units = gated ? ntiles / 2 : ntiles;
+  const RowQuantizer qin{static_cast<const char*>(x.data_ptr()), K, Kp, bf16, amode, (float)static_scale, in};
+  const RowQuantizer qout{g.out, N, round_up(N, 4), bf16, out_mode, 0.f, out.rows};
+  // A plain GEMM's activation is torch's own op on the output, so the output can only be
+  // quantized after it: then outside the GEMM's team.
+  const bool post_act = !gated && act != kNone, quant_out = out_mode != kNoQuant;
   if (M > 0) {
+    const RowQuantizer* team_in = given ? nullptr : &qin;
+    const RowQuantizer* team_out = quant_out && !post_act ? &qout : nullptr;
     in_team(team_size(M, N, K), [&](int64_t t, int64_t nt) {
-      if (split_by_rows(g, nt)) {
-        const int64_t blocks = (M + kMR - 1) / kMR, MC = block_rows(Kp);
-        const int64_t m0 = blocks * t / nt * kMR, m1 = std::min(M, blocks * (t + 1) / nt * kMR);
-        for (int64_t mc = m0; mc < m1; mc += MC) {
-          const int64_t me = std::min(mc + MC, m1);
-          if (!given) quantize_in(mc, me);
-          gemm_part(g, 0, units, mc, me, false);
-          if (team_out_mode != kNoQuant) quantize_out(mc, me);
-        }
-      } else {
-        const auto [r0, r1] = row_share(M, t, nt);
-        if (!given) {
-          quantize_in(r0, r1);
-#pragma omp barrier
-        }
-        gemm_part(g, units * t / nt, units * (t + 1) / nt, 0, M, true);
-        if (team_out_mode != kNoQuant) {
-#pragma omp barrier
-          quantize_out(r0, r1);
-        }
-      }
+      if (split_by_rows(g, nt)) rows_part(g, team_in, team_out, t, nt);
+      else columns_part(g, team_in, team_out, t, nt);
     });
   }
   if (post_act) {
-    switch (act) {
-      case kRelu: at::relu_(y); break;
-      case kGelu: at::gelu_(y, "none"); break;
-      case kGeluTanh: at::gelu_(y, "tanh"); break;
-      default: at::silu_(y); break;
-    }
-    if (out_mode != kNoQuant && M > 0)
+    apply_act(y, act);
+    if (quant_out && M > 0)
       in_team(team_size(M, N, 64), [&](int64_t t, int64_t nt) {
         const auto [r0, r1] = row_share(M, t, nt);
-        quantize_out(r0, r1);
+        qout(r0, r1);
       });
   }
-  if (out_mode == kNoQuant) return {y};
-  return {y, qy, sy, oy};
+  if (!quant_out) return {y};
+  return {y, out.u, out.s, out.o};
 }
 
 }  // namespace zq
