@@ -136,3 +136,13 @@ def test_generic_fusions_match_the_reference_path(tmp_path, model_type):
         fast = q(input_ids=ids).logits
         with kernels.use_backend("reference"):
             assert torch.equal(q(input_ids=ids).logits, fast)
+
+
+def test_load_prepares_the_runtime_for_the_requested_device(tmp_path):
+    from conftest import make_tiny
+    from zquant import fusion
+    zquant.save(zquant.quantize(make_tiny("llama"), "w8a8"), tmp_path / "c")
+    model = zquant.load(tmp_path / "c", device="cpu")
+    assert next(model.parameters()).device.type == "cpu"
+    assert any(isinstance(m, fusion._Fused) for m in model.modules()) == bool(zquant.kernels.fusions_for("cpu"))
+    assert zquant.kernels.fusions_for("meta") == frozenset()       # no backend prepares fusions there

@@ -1,4 +1,4 @@
-"""`zquant.inspect`: every number equals a direct computation on a tiny random model."""
+"""`zquant.analysis`: every number equals a direct computation on a tiny random model."""
 import copy
 import json
 import math

@@ -157,7 +157,7 @@ def test_report_embeds_every_plot_it_lists(measured, tmp_path):
 
 
 def test_lkd_model_gets_before_and_after(measured, tmp_path):
-    """A synthetic LKD record (the format `zquant.lkd` writes): 'before' is the same scheme
+    """A synthetic LKD record (the format `zquant.algorithms.lkd` writes): 'before' is the same scheme
     without LKD, reused when the collector has already measured it."""
     fp, ids, _, _ = measured
     collector = report.SnrCollector(fp, ids)

@@ -274,7 +274,7 @@ def _is_int(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class LKDConfig:
-    """Layer-by-layer knowledge distillation settings (see `zquant.lkd`).
+    """Layer-by-layer knowledge distillation settings (see `zquant.algorithms.lkd`).
 
     data:       distillation text: a packaged name (``technical``, ``tiny``, ...), a UTF-8 file path,
                 or ``random`` for uniformly random token ids (no text at all).

@@ -1,4 +1,4 @@
-"""Plots of what `zquant.inspect` measures, as small PNGs.
+"""Plots of what `zquant.analysis` measures, as small PNGs.
 
 Figures are built on `matplotlib.figure.Figure` and rendered by the Agg canvas directly, never
 through pyplot, so importing zquant changes no global matplotlib state and needs no display.
@@ -6,7 +6,7 @@ Every figure has a fixed size (`DPI` dots per inch, no tight-bbox cropping), so 
 is known in advance (`pixels`), and PNGs are written with an adaptive 256-colour palette, which
 keeps a line plot at a few tens of kB.
 
-Each function takes the dicts `zquant.inspect` returns and a `Caption` naming the model, the
+Each function takes the dicts `zquant.analysis` returns and a `Caption` naming the model, the
 scheme and the text, and returns a `Figure`; `save_png` writes it.
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ from ..record import record_of
 
 class SnrCollector:
     """Measures per-layer SNR of each quantized model against the floating-point model on
-    ``input_ids``; call it as ``collector(name, qmodel)`` (e.g. from `zquant.evaluate.compare`'s
+    ``input_ids``; call it as ``collector(name, qmodel)`` (e.g. from `zquant.eval.compare`'s
     ``on_quantized``), read ``collector.results[name]``.
 
     A model quantized with LKD (``zquant_info["lkd"]["blocks"]``) also gets ``"lkd": {"blocks":
