@@ -36,6 +36,8 @@ from typing import Callable
 
 import torch
 
+from ..fsutil import cache_root
+
 NAME = "zquant_cpu"
 SOURCES = (Path(__file__).parent / "csrc" / "zquant_cpu.cpp",)
 # The instruction sets the kernels are written for, as /proc/cpuinfo names them.
@@ -91,7 +93,7 @@ def build_dir() -> Path:
     h.update(f"{torch.__version__}|{sys.version_info[:2]}|{platform.machine()}".encode())
     # Not shared with a zquant that locked only with torch's lock file, whose lock we remove.
     h.update(b"flock build.lock")
-    root = Path(os.environ.get("ZQUANT_CACHE", Path.home() / ".cache" / "zquant"))
+    root = cache_root()
     return root / "kernels" / f"{NAME}-{h.hexdigest()[:16]}"
 
 
