@@ -93,3 +93,21 @@ def test_override_that_matches_nothing_is_said(tiny_llama):
     config = zquant.get_scheme("w8a8").with_overrides(zquant.Override(pattern="*.layer.0.*", float=True))
     with pytest.warns(UserWarning, match="matches no layer"):
         zquant.quantize(tiny_llama, config)
+
+
+def test_checkpoints_respect_the_umask(tmp_path):
+    import os
+    old = os.umask(0o022)
+    try:
+        out = zquant.save(zquant.quantize(make_tiny("llama"), "w8a8"), tmp_path / "q")
+    finally:
+        os.umask(old)
+    assert (out.stat().st_mode & 0o777) == 0o755
+    assert ((out / "model.safetensors").stat().st_mode & 0o777) == 0o644
+
+
+def test_a_path_source_is_recorded_absolute(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tiny_model_dir.parent)
+    assert main(["quantize", tiny_model_dir.name, "--scheme", "w8a8", "--out", str(tmp_path / "q"), "--quiet"]) == 0
+    from zquant.checkpoint import read_record
+    assert read_record(tmp_path / "q").source == str(tiny_model_dir.resolve())

@@ -190,6 +190,8 @@ def _quantize_fn(args, tokenizer, lkd_resume=lambda name: None):
 def _with_source(model, source: str):
     """``model`` with the MODEL argument it came from in its record."""
     import dataclasses
+    if Path(source).expanduser().exists():    # a path, recorded absolute: it must not depend on the cwd
+        source = str(Path(source).expanduser().resolve())
     model.zquant_info = dataclasses.replace(model.zquant_info, source=source)
     return model
 

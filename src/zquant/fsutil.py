@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def cache_root() -> Path:
     """``$ZQUANT_CACHE`` (default ``~/.cache/zquant``): dequantized GGUF models, built kernels, benchmarks."""
     return Path(os.environ.get("ZQUANT_CACHE", Path.home() / ".cache" / "zquant"))
@@ -22,7 +28,11 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())        # mkdtemp makes 0700: a checkpoint gets the user's usual mode
         yield tmp
+        for f in tmp.rglob("*"):                # some writers (safetensors) create their files 0600
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, 0o666 & ~_umask())
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / "d")
@@ -44,6 +54,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())        # mkstemp makes 0600
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
