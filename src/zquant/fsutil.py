@@ -30,9 +30,10 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o777 & ~_umask())        # mkdtemp makes 0700: a checkpoint gets the user's usual mode
         yield tmp
+        mode = 0o666 & ~_umask()
         for f in tmp.rglob("*"):                # some writers (safetensors) create their files 0600
             if f.is_file() and not f.is_symlink():
-                os.chmod(f, 0o666 & ~_umask())
+                os.chmod(f, mode)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / "d")

@@ -244,7 +244,7 @@ def fuse(model: nn.Module, plan: Plan | None = None, ops: frozenset[str] | None 
             op, build = _BUILDERS[type(d)]
             fused = build(d, block, following) if ops is None or op in ops else None
             if fused is not None:
-                set_submodule(block, d.norm if isinstance(d, NormFeed) else d.module, fused)
+                set_submodule(block, d.target, fused)
                 count += 1
     return count
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import LayerQuant, QuantConfig
-from .models import Adapter, get_adapter
+from .models import Adapter, get_adapter, model_kind
 from .modules import QuantLinear, is_float_linear
 
 PLAN_ATTR = "zquant_plan"          # where a quantized model keeps its plan (never saved)
@@ -92,6 +92,5 @@ def layer_plan(model: nn.Module) -> Plan:
 
 def kind_of(model: nn.Module) -> str:
     """"decoder" or "encoder": from the model's plan if it has one, else from its config."""
-    from .models import model_kind
     plan = plan_of(model)
     return plan.kind if plan is not None else model_kind(model)

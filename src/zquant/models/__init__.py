@@ -24,6 +24,10 @@ class NormFeed:
     norm: str
     readers: tuple[str, ...]
 
+    @property
+    def target(self) -> str:          # the module the fused one replaces
+        return self.norm
+
 
 @dataclass(frozen=True)
 class ActMLP:
@@ -36,6 +40,10 @@ class ActMLP:
     second: str
     reader: str
 
+    @property
+    def target(self) -> str:
+        return self.module
+
 
 @dataclass(frozen=True)
 class GatedMLP:
@@ -46,6 +54,10 @@ class GatedMLP:
     up: str
     down: str
     act: str
+
+    @property
+    def target(self) -> str:
+        return self.module
 
 
 Fusion = Union[NormFeed, ActMLP, GatedMLP]
