@@ -28,15 +28,18 @@ def test_the_extension_exports_its_code_tables():
 
 def test_cpu_reads_the_codes_from_the_extension():
     ops = build.extension()
-    assert cpu.ACT_CODES == ops.ACT_CODES and cpu.NORM_CODES == ops.NORM_CODES
-    assert cpu._codes.act == ops.ACT_CODES and cpu._codes.qmode == ops.QUANT_MODES
-    assert cpu._codes.norm == ops.NORM_CODES
+    assert cpu._ACT["silu"] == ops.ACT_CODES["silu"] and cpu._NORM["layer"] == ops.NORM_CODES["layer"]
+    assert cpu._QMODE["static"] == ops.QUANT_MODES["static"]
+    assert cpu._ACT == ops.ACT_CODES and cpu._QMODE == ops.QUANT_MODES and cpu._NORM == ops.NORM_CODES
+    assert type(cpu._ACT) is dict                          # read once, then a plain dict
+    with pytest.raises(KeyError):
+        cpu._ACT["no_such_activation"]
+    with pytest.raises(KeyError):                          # also when the unknown name is the first lookup
+        cpu._Codes("ACT_CODES", "_ACT")["no_such_activation"]
     assert cpu._out_mode(None) == ops.QUANT_MODES["none"]
     assert cpu._out_mode(ActQuant(mode="static")) == ops.QUANT_MODES["none"]   # never quantized for the next layer
     assert cpu._out_mode(ActQuant()) == ops.QUANT_MODES["sym"]
     assert cpu._out_mode(ActQuant(symmetric=False)) == ops.QUANT_MODES["asym"]
-    with pytest.raises(AttributeError):
-        cpu.NO_SUCH_TABLE  # noqa: B018
 
 
 def test_codes_outside_the_tables_are_rejected():

@@ -81,23 +81,27 @@ def _kernel(name: str, *args):
     return fn(*args)
 
 
-class _Codes:
-    """The integer codes of activations (``act``), quantization modes (``qmode``: none, sym, asym,
-    static) and norms (``norm``): the C++ enums, exported by the extension, read on first use."""
+class _Codes(dict):
+    """The extension's {name: code} table ``table`` (its C++ enums), read on the first lookup, which
+    then rebinds the module global ``name`` to a plain dict: as fast as a dict literal from then on.
+    (No ``__getattr__`` here or on the module: either one costs every attribute read 20-40 ns.)"""
 
-    def __getattr__(self, name: str):     # only until the attributes are set, on first use
-        ops = _ops()
-        self.act, self.qmode, self.norm = dict(ops.ACT_CODES), dict(ops.QUANT_MODES), dict(ops.NORM_CODES)
-        return object.__getattribute__(self, name)
+    def __init__(self, table: str, name: str):
+        super().__init__()
+        self.table, self.name = table, name
+
+    def __missing__(self, key: str) -> int:
+        if self:                          # read already, and no such name
+            raise KeyError(key)
+        self.update(getattr(_ops(), self.table))
+        globals()[self.name] = dict(self)
+        return self[key]
 
 
-_codes = _Codes()
-
-
-def __getattr__(name: str):               # cpu.ACT_CODES / cpu.NORM_CODES: the extension's tables
-    if name in ("ACT_CODES", "NORM_CODES"):
-        return getattr(_ops(), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# activations (none, relu, gelu, gelu_tanh, silu); quantization modes (none, sym, asym, static); norms
+_ACT = _Codes("ACT_CODES", "_ACT")
+_QMODE = _Codes("QUANT_MODES", "_QMODE")
+_NORM = _Codes("NORM_CODES", "_NORM")
 
 
 def _attach(y: Tensor, outs: list[Tensor], out: ActQuant | None) -> Tensor:
@@ -108,8 +112,8 @@ def _attach(y: Tensor, outs: list[Tensor], out: ActQuant | None) -> Tensor:
 
 def _out_mode(out: ActQuant | None) -> int:
     if out is None or out.mode != "dynamic":
-        return _codes.qmode["none"]
-    return _codes.qmode["sym" if out.symmetric else "asym"]
+        return _QMODE["none"]
+    return _QMODE["sym" if out.symmetric else "asym"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,9 +229,9 @@ def _run(module, p: PackedWeight, x: Tensor, act: int, out: ActQuant | None) -> 
         x2 = x2.contiguous()
     qa = None
     if spec.mode == "static":
-        amode, static_scale = _codes.qmode["static"], float(module.act_scale)
+        amode, static_scale = _QMODE["static"], float(module.act_scale)
     else:
-        amode, static_scale = _codes.qmode["sym" if spec.symmetric else "asym"], 0.0
+        amode, static_scale = _QMODE["sym" if spec.symmetric else "asym"], 0.0
         qa = attached(x, spec)
     if qa is None:
         stats["quantized"] += 1
@@ -242,31 +246,31 @@ def _run(module, p: PackedWeight, x: Tensor, act: int, out: ActQuant | None) -> 
 
 def linear(module, x: Tensor) -> Tensor:
     """``y [..., N] = x [..., K] W^T + b`` for a `QuantLinear`, in x's dtype."""
-    return _run(module, _packed(module), x, _codes.act["none"], None)
+    return _run(module, _packed(module), x, _ACT["none"], None)
 
 
 def linear_act(module, x: Tensor, act: str, out: ActQuant | None = None) -> Tensor:
     """``act(linear(x))`` with the activation in the GEMM epilogue, quantized for the next layer
     when ``out`` (that layer's activation spec) asks for dynamic quantization."""
-    return _run(module, _packed(module), x, _codes.act[act], out)
+    return _run(module, _packed(module), x, _ACT[act], out)
 
 
 def gated(gate, up, x: Tensor, act: str, out: ActQuant | None = None) -> Tensor:
     """``act(gate(x)) * up(x)`` in one GEMM over interleaved weights (gate and up share x's quantization)."""
-    return _run(gate, _packed_gated(gate, up), x, _codes.act[act], out)
+    return _run(gate, _packed_gated(gate, up), x, _ACT[act], out)
 
 
 def norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, kind: str,
          out: ActQuant | None) -> Tensor:
     """RMSNorm (``kind="rms"``, Llama's) or LayerNorm over the last dim, quantized for the consumers."""
     x2 = x.detach() if x.requires_grad else x
-    outs = _kernel("norm_quant", x2.contiguous(), weight, bias, float(eps), _codes.norm[kind], _out_mode(out))
+    outs = _kernel("norm_quant", x2.contiguous(), weight, bias, float(eps), _NORM[kind], _out_mode(out))
     return _attach(outs[0], outs, out)
 
 
 def quantize(x: Tensor, act: ActQuant, static_scale: float = 0.0) -> QuantizedActivation:
     """Token-wise (or static) quantization of ``x`` [M, K] in the kernel's format (tests, benchmarks)."""
-    mode = _codes.qmode["static" if act.mode == "static" else ("sym" if act.symmetric else "asym")]
+    mode = _QMODE["static" if act.mode == "static" else ("sym" if act.symmetric else "asym")]
     u, s, o = _kernel("quantize", x.contiguous(), mode, float(static_scale))
     return QuantizedActivation(u, s, o, act.symmetric, None)
 
