@@ -5,6 +5,7 @@
     zquant.quantize(model, "w8a8")                   # group-wise INT8 weights, token-wise INT8 activations
     zquant.save(model, "out/smollm2-w8a8", tokenizer=zquant.load_tokenizer("smollm2-135m"))
     model = zquant.load("out/smollm2-w8a8")          # runnable, without the float weights
+    zquant.generate(model, tokenizer, ["The capital of France is"], max_new_tokens=32)[0].text
 """
 import os as _os
 
@@ -19,8 +20,10 @@ from .config import (ActQuant, ConfigError, LayerQuant, LKDConfig, Override, PRE
 from .modules import QuantLinear  # noqa: E402
 from .api import load, load_tokenizer, quantize, save  # noqa: E402
 from .record import QuantRecord  # noqa: E402
+from .generate import GenerationOptions, generate, stream  # noqa: E402
 
 __all__ = [
     "ActQuant", "ConfigError", "LayerQuant", "LKDConfig", "Override", "PRESETS", "QuantConfig", "QuantLinear", "QuantRecord",
-    "WeightQuant", "get_scheme", "load", "load_tokenizer", "quantize", "save", "__version__",
+    "WeightQuant", "GenerationOptions", "generate", "get_scheme", "load", "load_tokenizer", "quantize", "save", "stream",
+    "__version__",
 ]

@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for a quantized directory: its floating-point model (default: the recorded source)")
     i.add_argument("--quiet", action="store_true", help="no progress on stderr")
     _add_scheme_options(i)
+    from . import cli_generate
+    cli_generate.add_parsers(sub)
     return parser
 
 
@@ -336,7 +338,10 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, "inspect": cmd_inspect}
+def _commands() -> dict:
+    from . import cli_generate
+    return {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, "inspect": cmd_inspect,
+            **cli_generate.COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     try:
-        return COMMANDS[args.command](args)
+        return _commands()[args.command](args)
     except KeyboardInterrupt:
         print("zquant: interrupted", file=sys.stderr)
         return 130

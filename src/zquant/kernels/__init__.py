@@ -127,12 +127,9 @@ def qlinear(module, x: Tensor) -> Tensor:
     return select(module, x).linear(module, x)
 
 
-def fusions_for(device_type: str) -> frozenset[str]:
-    """The fused operations worth preparing a model for on ``device_type``: those of the backend
-    that will run its layers there (the forced one, else the first available by priority).
-    ``ZQUANT_FUSION=0`` turns them all off. Warns once when a preferred backend cannot run."""
-    if os.environ.get("ZQUANT_FUSION", "1") == "0":
-        return frozenset()
+def _runtime_backend(device_type: str) -> Backend | None:
+    """The backend that will run layers on ``device_type``: the forced one, else the first
+    available by priority. Warns once when a preferred backend cannot run."""
     forced = getattr(_forced, "name", None) or ENV_BACKEND
     for backend in ([_BACKENDS[forced]] if forced in _BACKENDS else _ORDER):
         if not backend.runs_on(device_type):
@@ -141,8 +138,26 @@ def fusions_for(device_type: str) -> frozenset[str]:
         if reason is not None:
             warn_unavailable(backend, reason)
             continue
-        return frozenset(backend.fused)
-    return frozenset()
+        return backend
+    return None
+
+
+def fusions_for(device_type: str) -> frozenset[str]:
+    """The fused operations worth preparing a model for on ``device_type``: those of the backend
+    that will run its layers there. ``ZQUANT_FUSION=0`` turns them all off."""
+    if os.environ.get("ZQUANT_FUSION", "1") == "0":
+        return frozenset()
+    backend = _runtime_backend(device_type)
+    return frozenset(backend.fused) if backend is not None else frozenset()
+
+
+def runtime_op(name: str, device_type: str) -> Callable | None:
+    """A whole-model operation (``"decoder"``, ``"head"``) of the backend that runs ``device_type``,
+    or None: the decode path's one entry to the kernels (`zquant.generate.fast`)."""
+    if os.environ.get("ZQUANT_FUSION", "1") == "0":
+        return None
+    backend = _runtime_backend(device_type)
+    return None if backend is None else backend.fused.get(name)
 
 
 def fused_op(name: str, module, x: Tensor) -> Callable | None:

@@ -39,7 +39,9 @@ import torch
 from ..fsutil import cache_root
 
 NAME = "zquant_cpu"
-SOURCES = (Path(__file__).parent / "csrc" / "zquant_cpu.cpp",)
+_CSRC = Path(__file__).parent / "csrc"
+SOURCES = (_CSRC / "zquant_cpu.cpp", _CSRC / "decode.cpp")
+HEADERS = (_CSRC / "zquant_cpu.h",)
 # The instruction sets the kernels are written for, as /proc/cpuinfo names them.
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma")
 CFLAGS = [
@@ -87,7 +89,7 @@ def unsupported_reason() -> str | None:
 def build_dir() -> Path:
     """``$ZQUANT_CACHE/kernels/<name>-<key>``: one folder per source/flags/torch/Python combination."""
     h = hashlib.sha256()
-    for src in SOURCES:
+    for src in (*SOURCES, *HEADERS):
         h.update(src.read_bytes())
     h.update(" ".join(CFLAGS + LDFLAGS).encode())
     h.update(f"{torch.__version__}|{sys.version_info[:2]}|{platform.machine()}".encode())

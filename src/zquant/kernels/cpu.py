@@ -48,6 +48,7 @@ from torch.autograd import profiler as _autograd_profiler
 from ..config import ActQuant
 from . import Backend, build, register
 from .activation import ATTR, QuantizedActivation, attach, attached  # noqa: F401 -- ATTR: where tests look
+from .decoder import DecoderSpec
 
 # int32 accumulation of u8 (<= 255) x s8 (<= 127 in magnitude) products stays exact below this.
 MAX_K = 65536
@@ -185,6 +186,24 @@ def pack_gated(gate, up) -> PackedWeight:
                  gate.in_features, True)
 
 
+def pack_concat(modules) -> PackedWeight:
+    """Prepack `QuantLinear`s that read the same input (same K and bits) as one weight whose output
+    columns are theirs, in order (q, k, v as one GEMM): each column is computed exactly as by its
+    own layer, since a column's integer dot product, scale and bias are its own."""
+    bits = {m.weight_spec.bits for m in modules}
+    if len(bits) != 1 or len({m.in_features for m in modules}) != 1:
+        raise ValueError("pack_concat: the layers must have the same input size and weight bits")
+    parts = [(m.out_features, *_layer_parts(m)) for m in modules]
+    n = sum(p[0] for p in parts)
+    w = _pad_rows(torch.cat([p[1][:p[0]] for p in parts]), -(-n // 16) * 16)
+    scale = _pad_rows(torch.cat([p[2][:p[0]] for p in parts]), w.shape[0])
+    bias = None
+    if any(p[3] is not None for p in parts):
+        bias = _pad_rows(torch.cat([(p[3] if p[3] is not None else torch.zeros_like(p[2]))[:p[0]] for p in parts]),
+                         w.shape[0])
+    return _pack(w, scale, bias, bits.pop(), n, modules[0].in_features, False)
+
+
 def _packed(module) -> PackedWeight:
     p = module.kernel_cache.get("cpu")
     if p is None:
@@ -275,5 +294,37 @@ def quantize(x: Tensor, act: ActQuant, static_scale: float = 0.0) -> QuantizedAc
     return QuantizedActivation(u, s, o, act.symmetric, None)
 
 
+def _step_linear(p: PackedWeight, module):
+    """The extension's QLinear (a packed weight and how its input is quantized) for the decode step."""
+    spec = module.act_spec
+    if spec.mode == "static":
+        return _ops().QLinear(p.wpack, p.wsum, p.wscale, p.wbias, p.bits, p.n, p.gated, _QMODE["static"],
+                              float(module.act_scale))
+    return _ops().QLinear(p.wpack, p.wsum, p.wscale, p.wbias, p.bits, p.n, p.gated,
+                          _QMODE["sym" if spec.symmetric else "asym"], 0.0)
+
+
+def _norm_params(n):
+    return _ops().NormParams(n.weight.detach(), None if n.bias is None else n.bias.detach(), float(n.eps))
+
+
+def decoder(spec: DecoderSpec):
+    """The C++ whole-model decode step (csrc/decode.cpp) for a `DecoderSpec`: packs every layer once."""
+    dec = _ops().Decoder(spec.hidden, spec.heads, spec.kv_heads, spec.head_dim, _NORM[spec.norm_kind], spec.scaling,
+                         spec.cos, spec.sin, _norm_params(spec.final_norm))
+    for b in spec.blocks:
+        dec.add_block(_norm_params(b.norm1), _step_linear(pack_concat(b.qkv), b.qkv[0]), _step_linear(_packed(b.out), b.out),
+                      _norm_params(b.norm2), _step_linear(_packed_gated(b.gate, b.up), b.gate),
+                      _step_linear(_packed(b.down), b.down), _ACT[b.act])
+    return dec
+
+
+def head(x: Tensor, weight: Tensor) -> Tensor:
+    """logits [M, V] = x [M, K] float32 . weight [V, K]^T (float32 or bfloat16), each row on its own
+    (batch-invariant, unlike a BLAS GEMM)."""
+    return _kernel("head_logits", x, weight)
+
+
 register(Backend("cpu", priority=10, available=build.load, supports=supports, linear=linear,
-                 fused={"linear_act": linear_act, "gated": gated, "norm": norm}, devices=("cpu",)))
+                 fused={"linear_act": linear_act, "gated": gated, "norm": norm, "decoder": decoder, "head": head},
+                 devices=("cpu",)))

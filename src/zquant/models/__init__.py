@@ -61,6 +61,24 @@ class GatedMLP:
 
 
 Fusion = Union[NormFeed, ActMLP, GatedMLP]
+
+
+@dataclass(frozen=True)
+class DecodeLayout:
+    """Where zquant's own decode step (`zquant.generate`'s fast path) finds a pre-norm decoder's
+    parts. Block names are relative to a block, the others to the model; ``qkv`` lists the
+    query, key and value layers (run as one GEMM), ``mlp_in`` the gate and up layers."""
+    norm1: str
+    qkv: tuple[str, str, str]
+    out: str
+    norm2: str
+    mlp_in: tuple[str, str]
+    mlp_act: str
+    mlp_out: str
+    embed: str
+    final_norm: str
+    head: str
+    rotary: str
 KINDS = ("decoder", "encoder")
 
 
@@ -73,6 +91,7 @@ class Adapter:
     attention: tuple[str, ...]         # linear layers in a block (names relative to the block)
     mlp: tuple[str, ...]
     fusions: tuple[Fusion, ...] = ()   # runtime fusions of the fast path (`zquant.fusion`)
+    decode: DecodeLayout | None = None  # zquant's own decode step, for families it runs
 
     @property
     def default_groups(self) -> int:

@@ -1,7 +1,7 @@
 """The built-in model families: one `Adapter` each, naming blocks, roles and fusions."""
 from __future__ import annotations
 
-from . import ActMLP, Adapter, GatedMLP, NormFeed, register
+from . import ActMLP, Adapter, DecodeLayout, GatedMLP, NormFeed, register
 
 _LLAMA_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 _LLAMA_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -9,7 +9,10 @@ _LLAMA_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 register(Adapter(
     "llama", ("llama", "mistral", "qwen2", "qwen3"), "decoder", "layers", _LLAMA_ATTN, _LLAMA_MLP,
     fusions=(NormFeed("input_layernorm", _LLAMA_ATTN[:3]), NormFeed("post_attention_layernorm", _LLAMA_MLP[:2]),
-             GatedMLP("mlp", gate="gate_proj", up="up_proj", down="down_proj", act="act_fn"))))
+             GatedMLP("mlp", gate="gate_proj", up="up_proj", down="down_proj", act="act_fn")),
+    decode=DecodeLayout("input_layernorm", _LLAMA_ATTN[:3], _LLAMA_ATTN[3], "post_attention_layernorm",
+                        _LLAMA_MLP[:2], "mlp.act_fn", _LLAMA_MLP[2], embed="model.embed_tokens",
+                        final_norm="model.norm", head="lm_head", rotary="model.rotary_emb")))
 register(Adapter(
     "bert", ("bert", "roberta", "xlm-roberta", "electra"), "encoder", "encoder.layer",
     ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"),

@@ -24,6 +24,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include "zquant_cpu.h"
+
 #include <immintrin.h>
 #include <omp.h>
 
@@ -45,17 +47,11 @@ constexpr int kTile = 16;       // output rows (packed columns) per tile = int32
 constexpr int kMR = 6;          // activation rows per micro-kernel
 constexpr int kMaxNV = 4;       // tiles per micro-kernel (6 x 4 = 24 accumulators)
 
-// The codes that cross from Python as integers. They are defined here only: the module exports
-// each enum as a {name: code} dict (ACT_CODES, QUANT_MODES, NORM_CODES), which cpu.py reads.
-//
-// Activations after a linear layer. In a gated GEMM (act(gate) * up) only SiLU, computed in the
-// epilogue exactly as torch does; after a plain GEMM, torch's own in-place op runs on the output.
-enum Act : int64_t { kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4 };
-// How an activation is quantized: token-wise symmetric / asymmetric, or with one static scale;
-// kNoQuant: not at all (a linear or norm output that no consumer wants quantized).
-enum QMode : int64_t { kNoQuant = -1, kSym = 0, kAsym = 1, kStatic = 2 };
-// The fused normalizations: Llama's RMSNorm, or LayerNorm.
-enum Norm : int64_t { kRms = 0, kLayer = 1 };
+// The codes that cross from Python as integers: the enums Act, QMode and Norm of zquant_cpu.h
+// (shared with decode.cpp), defined there only; the module exports each as a {name: code} dict
+// (ACT_CODES, QUANT_MODES, NORM_CODES), which cpu.py reads.
+// Activations: in a gated GEMM (act(gate) * up) only SiLU, computed in the epilogue exactly as
+// torch does; after a plain GEMM, torch's own in-place op runs on the output.
 
 struct CodeName {
   const char* name;
@@ -942,4 +938,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize", &zq::quantize, "token-wise INT8 quantization of x [..., K]", nogil);
   m.def("norm_quant", &zq::norm_quant, "RMSNorm / LayerNorm, quantized for the next layer", nogil);
   m.def("linear", &zq::linear, "quantized linear layer: quantize, INT8 GEMM, dequantizing epilogue", nogil);
+  zq::register_decode(m);
 }

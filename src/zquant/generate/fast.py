@@ -1,0 +1,158 @@
+"""The fast decode path: a quantized decoder run by the kernel backend's whole-model step.
+
+For a family whose adapter declares a `zquant.models.DecodeLayout` (the Llama family), the
+quantized layers are packed once into the backend's step runner (csrc/decode.cpp on CPU), which
+runs every block in one call per step over a preallocated KV cache: no per-token Python work per
+layer, no cache concatenation. The embedding lookup is one op and the output head one kernel
+call (`head_logits`, batch-invariant; bfloat16 weights when the head's values are exactly
+bfloat16, which halves its read per token at no change in results).
+
+`unsupported_reason` says why a model cannot take this path (the engine then uses the general
+one and says so once).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import kernels
+from ..fusion import NORM_KINDS, activation_kind
+from ..kernels.decoder import BlockSpec, DecoderSpec, NormSpec
+from ..modules import QuantLinear
+from ..plan import plan_of
+
+# RoPE variants whose tables depend on the position only (not on the sequence's length).
+_STATIC_ROPE = ("default", "linear", "llama3")
+
+
+def _norm_spec(module: nn.Module) -> NormSpec:
+    eps = getattr(module, "eps", None)
+    eps = module.variance_epsilon if eps is None else eps
+    return NormSpec(module.weight.detach().float(), None if getattr(module, "bias", None) is None
+                    else module.bias.detach().float(), float(eps))
+
+
+def _norm_kind(module: nn.Module) -> str | None:
+    return getattr(module, "kind", None) or NORM_KINDS.get(type(module).__name__)
+
+
+def _rope_type(config) -> str:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
+
+
+def _layer_reason(name: str, m: nn.Module) -> str | None:
+    if not isinstance(m, QuantLinear):
+        return f"{name} is not quantized"
+    if not m.act_spec.enabled or m.weight_spec.granularity == "input_group":
+        return f"{name} has no INT8 activations or uses input-group scales"
+    return None
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why ``model`` cannot take the fast path, or None."""
+    plan = plan_of(model)
+    if plan is None:
+        return "it is not a zquant-quantized model"
+    layout = plan.adapter.decode
+    if layout is None:
+        return f"the {plan.adapter.name} family has no zquant decode step yet"
+    if kernels.runtime_op("decoder", "cpu") is None:
+        return "the CPU kernels are not in use"
+    p = next(model.parameters())
+    if p.device.type != "cpu" or p.dtype != torch.float32:
+        return "it is not a float32 model on the CPU"
+    config = model.config
+    if _rope_type(config) not in _STATIC_ROPE:
+        return f"RoPE type {_rope_type(config)!r}"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    for block in plan.blocks(model):
+        attn = block.get_submodule(layout.qkv[0].rpartition(".")[0])
+        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+            return "per-head q / k norms"
+        for name in (*layout.qkv, layout.out, *layout.mlp_in, layout.mlp_out):
+            reason = _layer_reason(name, block.get_submodule(name))
+            if reason:
+                return reason
+        q, k, v = (block.get_submodule(n) for n in layout.qkv)
+        gate, up = (block.get_submodule(n) for n in layout.mlp_in)
+        if len({q.spec, k.spec, v.spec}) != 1 or gate.spec != up.spec:
+            return "q / k / v (or gate / up) are quantized differently"
+        if activation_kind(block.get_submodule(layout.mlp_act)) != "silu":
+            return "the MLP activation is not SiLU"
+        if any(_norm_kind(block.get_submodule(n)) != "rms" for n in (layout.norm1, layout.norm2)):
+            return "its norms are not RMSNorm"
+    return None
+
+
+def _rope_tables(model: nn.Module, rotary: nn.Module, positions: int) -> tuple[Tensor, Tensor]:
+    """cos, sin float32 [positions, head_dim], computed by the model's own rotary module."""
+    ids = torch.arange(positions).unsqueeze(0)
+    cos, sin = rotary(torch.zeros(1, dtype=torch.float32), ids)
+    return cos[0].contiguous(), sin[0].contiguous()
+
+
+def decoder_spec(model: nn.Module) -> DecoderSpec:
+    plan = plan_of(model)
+    layout, config = plan.adapter.decode, model.config
+    blocks = []
+    for block in plan.blocks(model):
+        get = block.get_submodule
+        blocks.append(BlockSpec(_norm_spec(get(layout.norm1)), tuple(get(n) for n in layout.qkv), get(layout.out),
+                                _norm_spec(get(layout.norm2)), get(layout.mlp_in[0]), get(layout.mlp_in[1]),
+                                get(layout.mlp_out), "silu"))
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    cos, sin = _rope_tables(model, model.get_submodule(layout.rotary), config.max_position_embeddings)
+    return DecoderSpec(config.hidden_size, heads, kv_heads, head_dim, "rms", head_dim ** -0.5, cos, sin,
+                       _norm_spec(model.get_submodule(layout.final_norm)), tuple(blocks))
+
+
+def _head_weight(weight: Tensor) -> Tensor:
+    """The head's weight for the kernel: bfloat16 when that is exact (BF16-stored float parts)."""
+    w = weight.detach()
+    as_bf16 = w.to(torch.bfloat16)
+    return as_bf16 if torch.equal(as_bf16.float(), w.float()) else w.float().contiguous()
+
+
+class FastRunner:
+    """Runs a supported quantized decoder (see `unsupported_reason`) through the step runner."""
+
+    name = "fast"
+
+    def __init__(self, model: nn.Module):
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"the fast decode path cannot run this model: {reason}")
+        layout = plan_of(model).adapter.decode
+        self.model = model
+        self.context = model.config.max_position_embeddings
+        self.decoder = kernels.runtime_op("decoder", "cpu")(decoder_spec(model))
+        self.embed = model.get_submodule(layout.embed).weight.detach()
+        head = model.get_submodule(layout.head)
+        self._head_module = head if isinstance(head, QuantLinear) else None
+        self._head_w = None if self._head_module else _head_weight(head.weight)
+        self._head_b = None if self._head_module or head.bias is None else head.bias.detach().float()
+        self._head_op = kernels.runtime_op("head", "cpu")
+
+    def reserve(self, slots: int, max_len: int) -> None:
+        """A KV cache for ``slots`` sequences of up to ``max_len`` tokens each."""
+        self.decoder.reserve(slots, max_len)
+
+    def logits(self, rows: Tensor) -> Tensor:
+        """float32 [S, V] logits of the final-normed rows [S, H]."""
+        if self._head_module is not None:
+            return self._head_module(rows).float()
+        out = self._head_op(rows, self._head_w)
+        return out if self._head_b is None else out + self._head_b
+
+    @torch.no_grad()
+    def forward(self, seqs: list[tuple[int, int, list[int]]]) -> Tensor:
+        """Append tokens to sequences, ``(slot, start position, new token ids)`` each; returns the
+        logits after each sequence's last new token, float32 [S, V]."""
+        ids = torch.tensor([t for _, _, toks in seqs for t in toks], dtype=torch.long)
+        table = torch.tensor([(slot, start, len(toks)) for slot, start, toks in seqs], dtype=torch.long)
+        rows = self.decoder.step(F.embedding(ids, self.embed), table, False)
+        return self.logits(rows)

@@ -1,0 +1,33 @@
+// The ops of zquant_cpu.cpp that other translation units of the extension build on (decode.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/extension.h>
+
+#include <optional>
+#include <vector>
+
+namespace zq {
+
+using at::Tensor;
+
+// Activations after a linear layer (see zquant_cpu.cpp).
+enum Act : int64_t { kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4 };
+// How an activation is quantized: token-wise symmetric / asymmetric, or with one static scale;
+// kNoQuant: not at all (a linear or norm output that no consumer wants quantized).
+enum QMode : int64_t { kNoQuant = -1, kSym = 0, kAsym = 1, kStatic = 2 };
+// The fused normalizations: Llama's RMSNorm, or LayerNorm.
+enum Norm : int64_t { kRms = 0, kLayer = 1 };
+
+std::vector<Tensor> quantize(const Tensor& x, int64_t mode, double static_scale);
+std::vector<Tensor> norm_quant(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                               double eps, int64_t kind, int64_t mode);
+std::vector<Tensor> linear(const Tensor& x, const std::optional<Tensor>& qa, const std::optional<Tensor>& ascale,
+                           const std::optional<Tensor>& aoff, int64_t amode, double static_scale, const Tensor& wpack,
+                           const Tensor& wsum, const Tensor& wscale, const std::optional<Tensor>& wbias, int64_t bits,
+                           int64_t N, int64_t act, bool gated, int64_t out_mode);
+
+// decode.cpp: the whole-model step runner (zquant.generate's fast path).
+void register_decode(pybind11::module_& m);
+
+}  // namespace zq
