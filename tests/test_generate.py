@@ -217,3 +217,26 @@ def test_cli_generate_json_and_stream(tiny_model_dir, tmp_path, capsys, cpu_exte
 def test_cli_generate_bad_input_is_one_line(tiny_model_dir, capsys, argv, match):
     code, out, err = _cli(capsys, "generate", tiny_model_dir, *argv)
     assert code == 2 and err.count("\n") == 1 and match in err, err
+
+
+_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}[SEP]{% endfor %}"
+             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_chat_keeps_the_conversation_in_the_cache(cpu_extension):
+    from zquant.generate.chat import ChatSession
+    q = _quantized("w8a8")
+    tok = tiny_tokenizer()
+    tok.chat_template = _TEMPLATE
+    session = ChatSession(q, tok, dict(max_new_tokens=6))
+    first = "".join(session.reply("The quick brown fox"))
+    turn_one = len(session.in_cache)
+    second = "".join(session.reply("jumps over"))
+    assert session.messages[1] == {"role": "assistant", "content": first}
+    # the second turn reused the cached first turn (up to where the template renders the reply's
+    # text differently from the generated ids), and gives what a fresh run of the conversation gives
+    assert 0 < session.last_reused <= turn_one
+    ids = tok.apply_chat_template(session.messages[:3], add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert second == zquant.generate(q, tok, [ids], max_new_tokens=6)[0].text
+    session.reset()
+    assert "".join(session.reply("The quick brown fox")) == first

@@ -30,6 +30,7 @@ class ChatSession:
         self.messages: list[dict] = []
         self.in_cache: list[int] = []          # the token ids the cache holds, in order
         self.last_new_tokens = 0
+        self.last_reused = 0                   # prompt tokens of the last turn that the cache already held
 
     def _render(self) -> list[int]:
         return list(self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=True,
@@ -46,6 +47,7 @@ class ChatSession:
             self.messages.pop()
             raise ConfigError(f"the conversation ({len(ids)} tokens) would outgrow the model's context of "
                               f"{self.context}: /reset to start over")
+        self.last_reused = keep
         gen = Generation(self.model, self.tokenizer, [ids], self.opts, runner=self.runner, cached=[keep])
         for _, piece in gen.events():
             if piece:

@@ -107,6 +107,7 @@ class _Seq:
     generator: torch.Generator | None
     new: list[int] = field(default_factory=list)
     text: str = ""
+    printed: int = 0                     # characters of text already handed out
     done: str | None = None
     t_first: float = 0.0
     t_last: float = 0.0
@@ -151,25 +152,29 @@ class Generation:
         seq.t_last = now
         if tok in self.eos:
             seq.done = "eos"
-            return ""
+            piece, seq.printed = seq.text[seq.printed:], len(seq.text)
+            return piece
         seq.new.append(tok)
         if self.tokenizer is None:                 # token ids in, token ids out
             if len(seq.new) >= self.opts.max_new_tokens:
                 seq.done = "length"
             return ""
         text = self.tokenizer.decode(seq.new, skip_special_tokens=True)
-        if text.endswith("\ufffd"):                # an incomplete multi-byte character: wait for the rest
-            piece = ""
-        else:
-            piece, seq.text = text[len(seq.text):], text
-        for s in self.opts.stop:
-            at = seq.text.find(s)
+        for stop in self.opts.stop:
+            at = text.find(stop)
             if at >= 0:
-                piece = piece[:max(0, len(piece) - (len(seq.text) - at))]
-                seq.text, seq.done = seq.text[:at], "stop"
-                return piece
-        if len(seq.new) >= self.opts.max_new_tokens:
-            seq.done, seq.text = "length", text
+                text, seq.done = text[:at], "stop"
+        if seq.done is None and len(seq.new) >= self.opts.max_new_tokens:
+            seq.done = "length"
+        seq.text = text
+        # Hold back what may still change: an incomplete multi-byte character, and a tail that
+        # could be the start of a stop string.
+        ready = len(text)
+        if seq.done is None:
+            if text.endswith("\ufffd"):
+                ready = len(text.rstrip("\ufffd"))
+            ready = max(seq.printed, ready - max((len(s) - 1 for s in self.opts.stop), default=0))
+        piece, seq.printed = text[seq.printed:ready], max(seq.printed, ready)
         return piece
 
     def events(self) -> Iterator[tuple[int, str]]:
