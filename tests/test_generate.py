@@ -30,29 +30,41 @@ def _ids(n: int, seed: int) -> list[int]:
     return torch.randint(4, 300, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+FAST_FAMILIES = ["llama", "gpt2"]
+
+
+def _step(runner, ids: list[int], slot: int, start: int):
+    seqs = [(slot, start, ids)]
+    x = runner.embed_tokens(torch.tensor(ids), seqs)
+    return runner.decoder.step(x, torch.tensor([[slot, start, len(ids)]]), True)
+
+
+@pytest.mark.parametrize("family", FAST_FAMILIES)
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_step_is_bit_identical_to_the_model_forward(cpu_extension, scheme):
+def test_step_is_bit_identical_to_the_model_forward(cpu_extension, scheme, family):
     """Prefill and then decode steps give exactly the hidden states of the model's own forward."""
-    q = _quantized(scheme)
+    q = _quantized(scheme, family=family)
+    base = q.get_submodule(q.base_model_prefix)
     runner = fast.FastRunner(q)
     runner.reserve(1, 64)
     prompt = _ids(12, 1)
-    rows = runner.decoder.step(F.embedding(torch.tensor(prompt), runner.embed), torch.tensor([[0, 0, 12]]), True)
+    rows = _step(runner, prompt, 0, 0)
     with torch.no_grad():
-        out = q.model(torch.tensor([prompt]), use_cache=True)
+        out = base(torch.tensor([prompt]), use_cache=True)
     assert torch.equal(rows, out.last_hidden_state[0])
     cache, n = out.past_key_values, len(prompt)
     for t in (5, 77, 123, 9):
-        row = runner.decoder.step(F.embedding(torch.tensor([t]), runner.embed), torch.tensor([[0, n, 1]]), True)
+        row = _step(runner, [t], 0, n)
         with torch.no_grad():
-            out = q.model(torch.tensor([[t]]), use_cache=True, **{_CACHE_ARG: cache})
+            out = base(torch.tensor([[t]]), use_cache=True, **{_CACHE_ARG: cache})
         cache, n = out.past_key_values, n + 1
         assert torch.equal(row[0], out.last_hidden_state[0, -1])
 
 
+@pytest.mark.parametrize("family", FAST_FAMILIES)
 @pytest.mark.parametrize("scheme", ["w8a8", "w4/8a8"])
-def test_greedy_tokens_match_model_generate(cpu_extension, scheme):
-    q = _quantized(scheme, seed=2)
+def test_greedy_tokens_match_model_generate(cpu_extension, scheme, family):
+    q = _quantized(scheme, seed=2, family=family)
     prompt = _ids(9, 2)
     with torch.no_grad():
         ref = q.generate(torch.tensor([prompt]), max_new_tokens=64, min_new_tokens=64, do_sample=False)
@@ -110,8 +122,8 @@ def test_continuation_prefill_matches_one_prefill(cpu_extension):
 
 
 def test_general_path_for_other_families_matches_generate():
-    q = _quantized("w8a8", family="gpt2")
-    assert "gpt2" in fast.unsupported_reason(q)
+    q = _quantized("w8a8", family="opt")
+    assert "opt" in fast.unsupported_reason(q)
     prompt = _ids(6, 7)[:6]
     with torch.no_grad():
         ref = q.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)

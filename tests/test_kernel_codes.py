@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("cpu_extension")
 
 def test_the_extension_exports_its_code_tables():
     ops = build.extension()
-    tables = {"ACT_CODES": {"none", "relu", "gelu", "gelu_tanh", "silu"},
+    tables = {"ACT_CODES": {"none", "relu", "gelu", "gelu_tanh", "silu", "gelu_new"},
               "QUANT_MODES": {"none", "sym", "asym", "static"},
               "NORM_CODES": {"rms", "layer"}}
     for table, names in tables.items():

@@ -1,6 +1,6 @@
 """The fast decode path: a quantized decoder run by the kernel backend's whole-model step.
 
-For a family whose adapter declares a `zquant.models.DecodeLayout` (the Llama family), the
+For a family whose adapter declares a `zquant.models.DecodeLayout` (Llama, GPT-2), the
 quantized layers are packed once into the backend's step runner (csrc/decode.cpp on CPU), which
 runs every block in one call per step over a preallocated KV cache: no per-token Python work per
 layer, no cache concatenation. The embedding lookup is one op and the output head one kernel
@@ -50,6 +50,48 @@ def _layer_reason(name: str, m: nn.Module) -> str | None:
     return None
 
 
+def mlp_activation(module: nn.Module) -> str | None:
+    """The step runner's name for an MLP activation module, or None."""
+    if type(module).__name__ == "NewGELUActivation":
+        return "gelu_new"
+    return activation_kind(module)
+
+
+def _model_reason(model: nn.Module, layout) -> str | None:
+    config = model.config
+    p = next(model.parameters())
+    if p.device.type != "cpu" or p.dtype != torch.float32:
+        return "it is not a float32 model on the CPU"
+    if layout.rotary and _rope_type(config) not in _STATIC_ROPE:
+        return f"RoPE type {_rope_type(config)!r}"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", None):
+        return f"attention implementation {config._attn_implementation!r} (the step runs sdpa's)"
+    return None
+
+
+def _block_reason(block: nn.Module, layout) -> str | None:
+    attn = block.get_submodule(layout.qkv[0].rpartition(".")[0])
+    if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+        return "per-head q / k norms"
+    for name in (*layout.qkv, layout.out, *layout.mlp_in, layout.mlp_out):
+        reason = _layer_reason(name, block.get_submodule(name))
+        if reason:
+            return reason
+    qkv = [block.get_submodule(n) for n in layout.qkv]
+    mlp_in = [block.get_submodule(n) for n in layout.mlp_in]
+    if len({m.spec for m in qkv}) != 1 or len({m.spec for m in mlp_in}) != 1:
+        return "q / k / v (or gate / up) are quantized differently"
+    act = mlp_activation(block.get_submodule(layout.mlp_act))
+    if act is None or (len(mlp_in) == 2 and act != "silu"):
+        return "its MLP activation is not one the step computes"
+    kinds = {_norm_kind(block.get_submodule(n)) for n in (layout.norm1, layout.norm2)}
+    if len(kinds) != 1 or None in kinds:
+        return "its norms are neither RMSNorm nor LayerNorm"
+    return None
+
+
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why ``model`` cannot take the fast path, or None."""
     plan = plan_of(model)
@@ -60,34 +102,13 @@ def unsupported_reason(model: nn.Module) -> str | None:
         return f"the {plan.adapter.name} family has no zquant decode step yet"
     if kernels.runtime_op("decoder", "cpu") is None:
         return "the CPU kernels are not in use"
-    p = next(model.parameters())
-    if p.device.type != "cpu" or p.dtype != torch.float32:
-        return "it is not a float32 model on the CPU"
-    config = model.config
-    if _rope_type(config) not in _STATIC_ROPE:
-        return f"RoPE type {_rope_type(config)!r}"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return "sliding-window attention"
+    reason = _model_reason(model, layout)
     for block in plan.blocks(model):
-        attn = block.get_submodule(layout.qkv[0].rpartition(".")[0])
-        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
-            return "per-head q / k norms"
-        for name in (*layout.qkv, layout.out, *layout.mlp_in, layout.mlp_out):
-            reason = _layer_reason(name, block.get_submodule(name))
-            if reason:
-                return reason
-        q, k, v = (block.get_submodule(n) for n in layout.qkv)
-        gate, up = (block.get_submodule(n) for n in layout.mlp_in)
-        if len({q.spec, k.spec, v.spec}) != 1 or gate.spec != up.spec:
-            return "q / k / v (or gate / up) are quantized differently"
-        if activation_kind(block.get_submodule(layout.mlp_act)) != "silu":
-            return "the MLP activation is not SiLU"
-        if any(_norm_kind(block.get_submodule(n)) != "rms" for n in (layout.norm1, layout.norm2)):
-            return "its norms are not RMSNorm"
-    return None
+        reason = reason or _block_reason(block, layout)
+    return reason
 
 
-def _rope_tables(model: nn.Module, rotary: nn.Module, positions: int) -> tuple[Tensor, Tensor]:
+def _rope_tables(rotary: nn.Module, positions: int) -> tuple[Tensor, Tensor]:
     """cos, sin float32 [positions, head_dim], computed by the model's own rotary module."""
     ids = torch.arange(positions).unsqueeze(0)
     cos, sin = rotary(torch.zeros(1, dtype=torch.float32), ids)
@@ -97,17 +118,22 @@ def _rope_tables(model: nn.Module, rotary: nn.Module, positions: int) -> tuple[T
 def decoder_spec(model: nn.Module) -> DecoderSpec:
     plan = plan_of(model)
     layout, config = plan.adapter.decode, model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     blocks = []
     for block in plan.blocks(model):
         get = block.get_submodule
+        attn = get(layout.qkv[0].rpartition(".")[0])
         blocks.append(BlockSpec(_norm_spec(get(layout.norm1)), tuple(get(n) for n in layout.qkv), get(layout.out),
-                                _norm_spec(get(layout.norm2)), get(layout.mlp_in[0]), get(layout.mlp_in[1]),
-                                get(layout.mlp_out), "silu"))
-    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    cos, sin = _rope_tables(model, model.get_submodule(layout.rotary), config.max_position_embeddings)
-    return DecoderSpec(config.hidden_size, heads, kv_heads, head_dim, "rms", head_dim ** -0.5, cos, sin,
-                       _norm_spec(model.get_submodule(layout.final_norm)), tuple(blocks))
+                                _norm_spec(get(layout.norm2)), tuple(get(n) for n in layout.mlp_in),
+                                get(layout.mlp_out), mlp_activation(get(layout.mlp_act)),
+                                float(getattr(attn, "scaling", head_dim ** -0.5))))
+    cos = sin = None
+    if layout.rotary:
+        cos, sin = _rope_tables(model.get_submodule(layout.rotary), config.max_position_embeddings)
+    return DecoderSpec(config.hidden_size, heads, kv_heads, head_dim, _norm_kind(plan.blocks(model)[0].get_submodule(
+        layout.norm1)), cos, sin, _norm_spec(model.get_submodule(layout.final_norm)), tuple(blocks))
 
 
 def _head_weight(weight: Tensor) -> Tensor:
@@ -131,6 +157,7 @@ class FastRunner:
         self.context = model.config.max_position_embeddings
         self.decoder = kernels.runtime_op("decoder", "cpu")(decoder_spec(model))
         self.embed = model.get_submodule(layout.embed).weight.detach()
+        self.positions = model.get_submodule(layout.positions).weight.detach() if layout.positions else None
         head = model.get_submodule(layout.head)
         self._head_module = head if isinstance(head, QuantLinear) else None
         self._head_w = None if self._head_module else _head_weight(head.weight)
@@ -154,5 +181,12 @@ class FastRunner:
         logits after each sequence's last new token, float32 [S, V]."""
         ids = torch.tensor([t for _, _, toks in seqs for t in toks], dtype=torch.long)
         table = torch.tensor([(slot, start, len(toks)) for slot, start, toks in seqs], dtype=torch.long)
-        rows = self.decoder.step(F.embedding(ids, self.embed), table, False)
-        return self.logits(rows)
+        return self.logits(self.decoder.step(self.embed_tokens(ids, seqs), table, False))
+
+    def embed_tokens(self, ids: Tensor, seqs: list[tuple[int, int, list[int]]]) -> Tensor:
+        """The step's input rows float32 [T, H]: token embeddings (+ absolute position embeddings)."""
+        x = F.embedding(ids, self.embed)
+        if self.positions is None:
+            return x
+        pos = torch.tensor([start + i for _, start, toks in seqs for i in range(len(toks))], dtype=torch.long)
+        return x + F.embedding(pos, self.positions)

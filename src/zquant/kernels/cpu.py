@@ -310,12 +310,14 @@ def _norm_params(n):
 
 def decoder(spec: DecoderSpec):
     """The C++ whole-model decode step (csrc/decode.cpp) for a `DecoderSpec`: packs every layer once."""
-    dec = _ops().Decoder(spec.hidden, spec.heads, spec.kv_heads, spec.head_dim, _NORM[spec.norm_kind], spec.scaling,
+    dec = _ops().Decoder(spec.hidden, spec.heads, spec.kv_heads, spec.head_dim, _NORM[spec.norm_kind],
                          spec.cos, spec.sin, _norm_params(spec.final_norm))
     for b in spec.blocks:
-        dec.add_block(_norm_params(b.norm1), _step_linear(pack_concat(b.qkv), b.qkv[0]), _step_linear(_packed(b.out), b.out),
-                      _norm_params(b.norm2), _step_linear(_packed_gated(b.gate, b.up), b.gate),
-                      _step_linear(_packed(b.down), b.down), _ACT[b.act])
+        qkv = _packed(b.qkv[0]) if len(b.qkv) == 1 else pack_concat(b.qkv)
+        mlp_in = _packed_gated(*b.mlp_in) if len(b.mlp_in) == 2 else _packed(b.mlp_in[0])
+        dec.add_block(_norm_params(b.norm1), _step_linear(qkv, b.qkv[0]), _step_linear(_packed(b.out), b.out),
+                      _norm_params(b.norm2), _step_linear(mlp_in, b.mlp_in[0]), _step_linear(_packed(b.down), b.down),
+                      _ACT[b.act], float(b.scaling))
     return dec
 
 

@@ -21,16 +21,17 @@ class NormSpec:
 
 @dataclass(frozen=True)
 class BlockSpec:
-    """One pre-norm block: ``x += out(attn(rope(qkv(norm1(x)))))``, ``x += down(act(gate(n)) * up(n))``,
-    ``n = norm2(x)``; the linear layers are `zquant.modules.QuantLinear`s."""
+    """One pre-norm block: ``x += out(attn(rope(qkv(norm1(x)))))``, then with ``n = norm2(x)``
+    ``x += down(act(gate(n)) * up(n))`` (gated: ``mlp_in`` = (gate, up)) or ``x += down(act(up(n)))``.
+    The linear layers are `zquant.modules.QuantLinear`s."""
     norm1: NormSpec
-    qkv: tuple                   # (q, k, v) layers, run as one GEMM
+    qkv: tuple                   # (q, k, v) layers run as one GEMM, or one layer computing all three
     out: object
     norm2: NormSpec
-    gate: object
-    up: object
+    mlp_in: tuple                # (gate, up) or (up,)
     down: object
-    act: str                     # the gated activation ("silu")
+    act: str                     # "silu" (gated), or relu / gelu / gelu_tanh / gelu_new / silu
+    scaling: float               # attention's softmax scale
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,7 @@ class DecoderSpec:
     kv_heads: int
     head_dim: int
     norm_kind: str               # "rms" or "layer"
-    scaling: float               # attention's softmax scale
     cos: Tensor | None           # RoPE tables float32 [positions, head_dim], as the model computes them
-    sin: Tensor | None
+    sin: Tensor | None           # (None: no RoPE)
     final_norm: NormSpec
     blocks: tuple[BlockSpec, ...]

@@ -66,19 +66,22 @@ Fusion = Union[NormFeed, ActMLP, GatedMLP]
 @dataclass(frozen=True)
 class DecodeLayout:
     """Where zquant's own decode step (`zquant.generate`'s fast path) finds a pre-norm decoder's
-    parts. Block names are relative to a block, the others to the model; ``qkv`` lists the
-    query, key and value layers (run as one GEMM), ``mlp_in`` the gate and up layers."""
+    parts. Block names are relative to a block, the others to the model. ``qkv``: the query, key
+    and value layers (run as one GEMM), or one layer that computes all three (GPT-2's c_attn);
+    ``mlp_in``: gate and up (a gated MLP), or the one input layer; ``rotary``: the RoPE module, or
+    ``positions``: an absolute position embedding added to the token embedding."""
     norm1: str
-    qkv: tuple[str, str, str]
+    qkv: tuple[str, ...]
     out: str
     norm2: str
-    mlp_in: tuple[str, str]
+    mlp_in: tuple[str, ...]
     mlp_act: str
     mlp_out: str
     embed: str
     final_norm: str
     head: str
-    rotary: str
+    rotary: str | None = None
+    positions: str | None = None
 KINDS = ("decoder", "encoder")
 
 

@@ -24,7 +24,10 @@ register(Adapter(
 register(Adapter(
     "gpt2", ("gpt2",), "decoder", "h", ("attn.c_attn", "attn.c_proj"), ("mlp.c_fc", "mlp.c_proj"),
     fusions=(NormFeed("ln_1", ("attn.c_attn",)), NormFeed("ln_2", ("mlp.c_fc",)),
-             ActMLP("mlp", first="c_fc", act="act", second="c_proj", reader="mlp.c_proj"))))
+             ActMLP("mlp", first="c_fc", act="act", second="c_proj", reader="mlp.c_proj")),
+    decode=DecodeLayout("ln_1", ("attn.c_attn",), "attn.c_proj", "ln_2", ("mlp.c_fc",), "mlp.act", "mlp.c_proj",
+                        embed="transformer.wte", final_norm="transformer.ln_f", head="lm_head",
+                        positions="transformer.wpe")))
 register(Adapter(
     "opt", ("opt",), "decoder", "layers",
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"), ("fc1", "fc2"),

@@ -8,11 +8,12 @@
 //
 // Per block, the same operations as the model's modules on the fused CPU path, in the same order:
 //   h = norm1(x) quantized per token -> qkv = one GEMM over the q, k, v weights (concatenated rows:
-//   each output column is computed exactly as by its own layer) -> RoPE on q and k (HF's
-//   q * cos + rotate_half(q) * sin, with the cos / sin table HF computes) -> k, v written into the
-//   cache -> per sequence torch's scaled_dot_product_attention over its own cache prefix (so a
-//   sequence never depends on what else is in the batch) -> o GEMM -> x += o -> norm2 quantized ->
-//   gated GEMM (silu(gate) * up, quantized for down) -> down GEMM -> x += down.
+//   each output column is computed exactly as by its own layer) -> RoPE on q and k when the model
+//   has it (HF's q * cos + rotate_half(q) * sin, with the cos / sin table HF computes) -> k, v
+//   written into the cache -> per sequence torch's scaled_dot_product_attention over its own cache
+//   prefix (so a sequence never depends on what else is in the batch) -> o GEMM -> x += o ->
+//   norm2 quantized -> MLP: gated GEMM (silu(gate) * up, quantized for down; Llama) or up GEMM +
+//   activation (GPT-2) -> down GEMM -> x += down. Norms are RMSNorm or LayerNorm.
 // Results are bit-identical to the modules (tests/test_generate.py checks it).
 
 #include "zquant_cpu.h"
@@ -22,6 +23,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <optional>
 #include <vector>
@@ -60,8 +62,16 @@ struct NormParams {
 struct Block {
   NormParams norm1, norm2;
   QLinear qkv, o, up, down;   // up: gate and up interleaved (gated) or the MLP's first layer
-  int64_t act = kSilu;
+  int64_t act = kSilu;        // gated: silu; plain: the activation after up
+  double scaling = 1.0;       // attention's softmax scale (GPT-2 can scale it per layer)
 };
+
+// transformers' NewGELUActivation (GPT-2), op for op as its Python formula evaluates:
+// 0.5 * x * (1.0 + tanh(sqrt(2 / pi) * (x + 0.044715 * x ** 3))).
+Tensor gelu_new(const Tensor& x) {
+  const Tensor inner = (x + at::pow(x, 3.0) * 0.044715) * std::sqrt(2.0 / M_PI);
+  return (x * 0.5) * (at::tanh(inner) + 1.0);
+}
 
 // HF's RoPE on one head vector: out = x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1).
 // Separate multiplies and adds (compiled with -ffp-contract=off), like the eager ops.
@@ -119,9 +129,9 @@ Tensor head_logits(const Tensor& x_in, const Tensor& w_in) {
 
 class Decoder {
  public:
-  Decoder(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t norm_kind, double scaling,
+  Decoder(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t norm_kind,
           std::optional<Tensor> cos, std::optional<Tensor> sin, NormParams final_norm)
-      : hidden_(hidden), heads_(heads), kv_heads_(kv_heads), d_(head_dim), norm_kind_(norm_kind), scaling_(scaling),
+      : hidden_(hidden), heads_(heads), kv_heads_(kv_heads), d_(head_dim), norm_kind_(norm_kind),
         final_(std::move(final_norm)) {
     TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && head_dim > 0 && head_dim % 2 == 0,
                 "Decoder: bad head layout");
@@ -133,11 +143,14 @@ class Decoder {
     }
   }
 
-  void add_block(NormParams n1, QLinear qkv, QLinear o, NormParams n2, QLinear up, QLinear down, int64_t act) {
+  void add_block(NormParams n1, QLinear qkv, QLinear o, NormParams n2, QLinear up, QLinear down, int64_t act,
+                 double scaling) {
     TORCH_CHECK(qkv.n == (heads_ + 2 * kv_heads_) * d_ && o.n == hidden_ && down.n == hidden_,
                 "Decoder.add_block: layer shapes do not match the head layout");
+    TORCH_CHECK(up.gated ? act == kSilu : (act >= kNone && act <= kGeluNew),
+                "Decoder.add_block: unsupported MLP activation ", act);
     blocks_.push_back(Block{std::move(n1), std::move(n2), std::move(qkv), std::move(o), std::move(up),
-                            std::move(down), act});
+                            std::move(down), act, scaling});
   }
 
   // Allocates the cache: per block, keys and values float32 [slots, kv_heads, max_len, head_dim].
@@ -205,15 +218,20 @@ class Decoder {
     const Block& b = blocks_[l];
     const auto h1 = norm_quant(x, b.norm1.weight, b.norm1.bias, b.norm1.eps, norm_kind_, b.qkv.feed_mode());
     const Tensor qkv = b.qkv(h1, kNone, kNoQuant)[0];
-    const Tensor attn = attend(l, qkv, seqs);
+    const Tensor attn = attend(l, qkv, seqs, b.scaling);
     x.add_(b.o({attn}, kNone, kNoQuant)[0]);
     const auto h2 = norm_quant(x, b.norm2.weight, b.norm2.bias, b.norm2.eps, norm_kind_, b.up.feed_mode());
-    const auto mid = b.up(h2, b.act, b.down.feed_mode());
-    x.add_(b.down(mid, kNone, kNoQuant)[0]);
+    if (b.act == kGeluNew) {                  // not an epilogue op: the formula on the GEMM's output
+      const Tensor mid = gelu_new(b.up(h2, kNone, kNoQuant)[0]);
+      x.add_(b.down({mid}, kNone, kNoQuant)[0]);
+    } else {
+      const auto mid = b.up(h2, b.act, b.down.feed_mode());
+      x.add_(b.down(mid, kNone, kNoQuant)[0]);
+    }
   }
 
   // qkv [T, (heads + 2 kv_heads) d] -> attention output [T, heads d]; writes k, v into the cache.
-  Tensor attend(size_t l, const Tensor& qkv, const Tensor& seqs) {
+  Tensor attend(size_t l, const Tensor& qkv, const Tensor& seqs, double scaling) {
     const int64_t T = qkv.size(0), nq = heads_ * d_, nk = kv_heads_ * d_, width = nq + 2 * nk;
     Tensor attn = at::empty({T, nq}, qkv.options());
     Tensor q = at::empty({T, heads_, d_}, qkv.options());
@@ -258,7 +276,7 @@ class Decoder {
         const Tensor qi = at::arange(n, at::kLong).unsqueeze(1) + pos0[s];
         mask = (qi >= at::arange(len, at::kLong).unsqueeze(0)).view({1, 1, n, len});
       }
-      const Tensor out = at::scaled_dot_product_attention(qs, ks, vs, mask, 0.0, causal, scaling_,
+      const Tensor out = at::scaled_dot_product_attention(qs, ks, vs, mask, 0.0, causal, scaling,
                                                           heads_ != kv_heads_);        // [1, heads, n, d]
       attn.narrow(0, row0[s], n).view({n, heads_, d_}).copy_(out.select(0, 0).transpose(0, 1));
     }
@@ -266,7 +284,6 @@ class Decoder {
   }
 
   int64_t hidden_, heads_, kv_heads_, d_, norm_kind_;
-  double scaling_;
   Tensor cos_, sin_;
   NormParams final_;
   std::vector<Block> blocks_;
@@ -292,10 +309,10 @@ void register_decode(pybind11::module_& m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("head_logits", &head_logits, "batch-invariant x . w^T for an output head (w float32 or bfloat16)", nogil);
   py::class_<Decoder>(m, "Decoder", "zquant's whole-model decode step over a preallocated KV cache")
-      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, std::optional<Tensor>, std::optional<Tensor>,
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, std::optional<Tensor>, std::optional<Tensor>,
                     NormParams>(),
            py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("norm_kind"),
-           py::arg("scaling"), py::arg("cos"), py::arg("sin"), py::arg("final_norm"))
+           py::arg("cos"), py::arg("sin"), py::arg("final_norm"))
       .def("add_block", &Decoder::add_block)
       .def("reserve", &Decoder::reserve, nogil)
       .def("step", &Decoder::step, nogil)

@@ -58,7 +58,7 @@ struct CodeName {
   int64_t code;
 };
 constexpr CodeName kActNames[] = {{"none", kNone}, {"relu", kRelu}, {"gelu", kGelu}, {"gelu_tanh", kGeluTanh},
-                                  {"silu", kSilu}};
+                                  {"silu", kSilu}, {"gelu_new", kGeluNew}};
 constexpr CodeName kQModeNames[] = {{"none", kNoQuant}, {"sym", kSym}, {"asym", kAsym}, {"static", kStatic}};
 constexpr CodeName kNormNames[] = {{"rms", kRms}, {"layer", kLayer}};
 

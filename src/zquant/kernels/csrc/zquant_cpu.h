@@ -11,8 +11,9 @@ namespace zq {
 
 using at::Tensor;
 
-// Activations after a linear layer (see zquant_cpu.cpp).
-enum Act : int64_t { kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4 };
+// Activations after a linear layer (see zquant_cpu.cpp). kGeluNew (transformers' NewGELUActivation,
+// a Python formula) only in the decode step, which computes it with the formula's own ops.
+enum Act : int64_t { kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4, kGeluNew = 5 };
 // How an activation is quantized: token-wise symmetric / asymmetric, or with one static scale;
 // kNoQuant: not at all (a linear or norm output that no consumer wants quantized).
 enum QMode : int64_t { kNoQuant = -1, kSym = 0, kAsym = 1, kStatic = 2 };
