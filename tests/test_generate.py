@@ -184,7 +184,7 @@ def test_eos_and_stop_strings(cpu_extension):
 @pytest.mark.parametrize("bad, match", [
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=-3), "max_new_tokens"),
     (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
-    (dict(top_k=-1), "top_k"), (dict(kv_cache="int4"), "kv_cache"),
+    (dict(top_k=-1), "top_k"), (dict(kv_cache="int4"), "kv_cache"), (dict(path="gpu"), "path"),
 ])
 def test_bad_options_are_refused(bad, match):
     with pytest.raises(ConfigError, match=match):
@@ -252,3 +252,39 @@ def test_chat_keeps_the_conversation_in_the_cache(cpu_extension):
     assert second == zquant.generate(q, tok, [ids], max_new_tokens=6)[0].text
     session.reset()
     assert "".join(session.reply("The quick brown fox")) == first
+
+
+@pytest.mark.parametrize("family", FAST_FAMILIES)
+def test_int8_kv_cache(cpu_extension, family):
+    q = _quantized("w8a8", family=family)
+    fp, i8 = fast.FastRunner(q), fast.FastRunner(q)
+    fp.reserve(1, 64)
+    i8.reserve(1, 64, "int8")
+    assert i8.decoder.cache_bytes * 3 < fp.decoder.cache_bytes    # int8 + one float scale per head vector
+    prompt = _ids(10, 3)
+    a, b = fp.forward([(0, 0, prompt)]), i8.forward([(0, 0, prompt)])
+    for i, t in enumerate((7, 99, 23, 150, 42)):
+        a, b = fp.forward([(0, 10 + i, [t])]), i8.forward([(0, 10 + i, [t])])
+        # INT8 keys and values change the logits a little, not the ranking's top
+        assert torch.nn.functional.cosine_similarity(a, b).item() > 0.99
+    # the stored values: symmetric int8, one scale per token per head, dequantizing to the float cache
+    k8, v8, ks, vs = i8.decoder.cache(0)
+    kf, vf = fp.decoder.cache(0)
+    n = 15
+    assert k8.dtype == torch.int8 and k8[..., :n, :].abs().max() == 127
+    torch.testing.assert_close(k8[..., :n, :].float() * ks[..., :n, None], kf[..., :n, :],
+                               atol=float(ks[..., :n].max()) / 2 + 1e-6, rtol=0)
+    # decode attention straight from int8 rows equals SDPA over the dequantized cache
+    one = i8.forward([(0, n, [3])])
+    deq = fast.FastRunner(q)
+    deq.reserve(1, 64, "int8")
+    deq.forward([(0, 0, prompt + [7, 99, 23, 150, 42])])
+    two = deq.forward([(0, n, [3, 3])])     # two new tokens: the dequantize + SDPA path
+    torch.testing.assert_close(one, i8.forward([(0, n, [3])]))
+    assert torch.nn.functional.cosine_similarity(one, two).item() > 0.999
+
+
+def test_int8_kv_cache_needs_the_fast_path():
+    model = make_tiny("llama", vocab_size=300)
+    with pytest.raises(ValueError, match="int8"):
+        zquant.generate(model, None, [[5, 6]], max_new_tokens=2, kv_cache="int8", path="general")

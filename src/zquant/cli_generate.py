@@ -30,7 +30,9 @@ def _sampling_options(p: argparse.ArgumentParser, chat: bool = False) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1)")
     p.add_argument("--seed", type=int, default=None, help="seed that makes sampling reproducible")
     p.add_argument("--stop", action="append", default=[], help="stop string, repeatable")
-    p.add_argument("--kv-cache", choices=["fp"], default="fp", help="KV cache storage (default fp)")
+    p.add_argument("--kv-cache", choices=["fp", "int8"], default="fp",
+                   help="KV cache storage: fp (default) or int8, one scale per token per head (a quarter of the "
+                        "memory; fast path only)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--path", choices=["auto", "fast", "general"], default="auto",
                    help="decode path: zquant's own step (fast), transformers (general), or auto (default)")

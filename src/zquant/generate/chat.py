@@ -23,7 +23,7 @@ class ChatSession:
         self.opts = GenerationOptions(**{**options, "chat": False})
         self.runner = runner_for(model, self.opts.path)
         self.context = self.runner.context or 4096
-        self.runner.reserve(1, self.context)
+        self.runner.reserve(1, self.context, self.opts.kv_cache)
         self.reset()
 
     def reset(self) -> None:

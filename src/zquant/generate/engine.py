@@ -134,7 +134,7 @@ class Generation:
         self.eos = set() if opts.ignore_eos else _eos_ids(model, tokenizer)
         self.seqs = [_Seq(i, p, self._generator()) for i, p in enumerate(ids)]
         if runner is None:
-            self.runner.reserve(len(ids), max(len(p) for p in ids) + opts.max_new_tokens)
+            self.runner.reserve(len(ids), max(len(p) for p in ids) + opts.max_new_tokens, opts.kv_cache)
         self.prefill_s = 0.0
 
     def _generator(self) -> torch.Generator | None:

@@ -164,9 +164,10 @@ class FastRunner:
         self._head_b = None if self._head_module or head.bias is None else head.bias.detach().float()
         self._head_op = kernels.runtime_op("head", "cpu")
 
-    def reserve(self, slots: int, max_len: int) -> None:
-        """A KV cache for ``slots`` sequences of up to ``max_len`` tokens each."""
-        self.decoder.reserve(slots, max_len)
+    def reserve(self, slots: int, max_len: int, kv_cache: str = "fp") -> None:
+        """A KV cache for ``slots`` sequences of up to ``max_len`` tokens each: float32 (``"fp"``) or
+        INT8 with one scale per token per head (``"int8"``, a quarter of the memory)."""
+        self.decoder.reserve(slots, max_len, kv_cache == "int8")
 
     def logits(self, rows: Tensor) -> Tensor:
         """float32 [S, V] logits of the final-normed rows [S, H]."""

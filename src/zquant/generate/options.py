@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..config import ConfigError
 
-KV_CACHES = ("fp",)
+KV_CACHES = ("fp", "int8")
 PATHS = ("auto", "fast", "general")
 
 
@@ -21,7 +21,7 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()          # stop strings (not included in the text)
     ignore_eos: bool = False            # generate exactly max_new_tokens (benchmarks)
     chat: bool = False                  # wrap each prompt in the tokenizer's chat template
-    kv_cache: str = "fp"
+    kv_cache: str = "fp"                # "int8": one scale per token per head (fast path only)
     path: str = "auto"                  # "fast" (zquant's decode step), "general" (transformers), or auto
 
     def __post_init__(self):

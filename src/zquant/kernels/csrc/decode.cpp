@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstring>
 #include <optional>
+#include <utility>
 #include <vector>
 
 namespace zq {
@@ -81,6 +82,42 @@ inline void rope_head(const float* x, const float* c, const float* s, int64_t d,
   for (int64_t j = h; j < d; ++j) out[j] = x[j] * c[j] + x[j - h] * s[j];
 }
 
+
+// One head vector x[0:d] into the INT8 cache: symmetric, one scale per token per head
+// (ZeroQuant's token-wise idea applied to the cache), rounded half to even like torch.round.
+inline void quantize_head(const float* x, int64_t d, int8_t* q, float* scale) {
+  float amax = 0.f;
+  for (int64_t j = 0; j < d; ++j) amax = std::max(amax, std::fabs(x[j]));
+  const float s = amax > 0.f ? amax / 127.f : 1.f;
+  for (int64_t j = 0; j < d; ++j) q[j] = (int8_t)std::max(-127.f, std::min(127.f, std::nearbyint(x[j] / s)));
+  *scale = s;
+}
+
+inline float dot_i8(const float* q, const int8_t* k, int64_t d) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t j = 0; j < d; j += 16) {
+    const __mmask16 m = d - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - j)) - 1);
+    const __m512 kv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, k + j)));
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + j), kv, acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// One query head q[0:d] over an INT8 cache prefix (keys k / values v int8 [len, d], scales
+// [len]): out = softmax(scaling * q . k_j * ks_j) . (v_j * vs_j), in float32.
+void attend_i8(const float* q, const int8_t* k, const float* ks, const int8_t* v, const float* vs, int64_t len,
+               int64_t d, double scaling, float* scores, float* out) {
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < len; ++j) mx = std::max(mx, scores[j] = dot_i8(q, k + j * d, d) * ks[j] * (float)scaling);
+  float sum = 0.f;
+  for (int64_t j = 0; j < len; ++j) sum += scores[j] = std::exp(scores[j] - mx);
+  std::fill(out, out + d, 0.f);
+  for (int64_t j = 0; j < len; ++j) {
+    const float w = scores[j] / sum * vs[j];
+    const int8_t* vr = v + j * d;
+    for (int64_t c = 0; c < d; ++c) out[c] += w * (float)vr[c];
+  }
+}
 
 // 16 weights of row w (float32 or bfloat16) from column k as float32; masked lanes read 0.
 inline __m512 load_w16(const void* w, bool bf16, int64_t k, __mmask16 m) {
@@ -153,19 +190,28 @@ class Decoder {
                             std::move(down), act, scaling});
   }
 
-  // Allocates the cache: per block, keys and values float32 [slots, kv_heads, max_len, head_dim].
-  void reserve(int64_t slots, int64_t max_len) {
+  // Allocates the cache: per block, keys and values [slots, kv_heads, max_len, head_dim], float32,
+  // or int8 with one float32 scale per token per head ([slots, kv_heads, max_len]).
+  void reserve(int64_t slots, int64_t max_len, bool int8) {
     TORCH_CHECK(slots > 0 && max_len > 0, "Decoder.reserve: slots and max_len must be positive");
     TORCH_CHECK(!cos_.defined() || max_len <= cos_.size(0), "Decoder.reserve: max_len ", max_len,
                 " exceeds the RoPE table's ", cos_.size(0), " positions");
     keys_.clear();
     values_.clear();
+    kscale_.clear();
+    vscale_.clear();
+    const auto dtype = int8 ? at::kChar : at::kFloat;
     for (size_t i = 0; i < blocks_.size(); ++i) {
-      keys_.push_back(at::zeros({slots, kv_heads_, max_len, d_}, at::kFloat));
-      values_.push_back(at::zeros({slots, kv_heads_, max_len, d_}, at::kFloat));
+      keys_.push_back(at::zeros({slots, kv_heads_, max_len, d_}, dtype));
+      values_.push_back(at::zeros({slots, kv_heads_, max_len, d_}, dtype));
+      if (int8) {
+        kscale_.push_back(at::ones({slots, kv_heads_, max_len}, at::kFloat));
+        vscale_.push_back(at::ones({slots, kv_heads_, max_len}, at::kFloat));
+      }
     }
     slots_ = slots;
     max_len_ = max_len;
+    int8_ = int8;
   }
 
   // x [T, hidden] float32 (embedded new tokens), seqs int64 [S, 3] (slot, start, count).
@@ -187,9 +233,19 @@ class Decoder {
     return norm_quant(rows, final_.weight, final_.bias, final_.eps, norm_kind_, kNoQuant)[0];
   }
 
+  // (keys, values) of a block, plus (key scales, value scales) for an INT8 cache.
   std::vector<Tensor> cache(int64_t block) const {
     TORCH_CHECK(block >= 0 && block < (int64_t)keys_.size(), "Decoder.cache: no block ", block);
+    if (int8_) return {keys_[block], values_[block], kscale_[block], vscale_[block]};
     return {keys_[block], values_[block]};
+  }
+
+  // Bytes the KV cache takes.
+  int64_t cache_bytes() const {
+    int64_t n = 0;
+    for (const auto* v : {&keys_, &values_, &kscale_, &vscale_})
+      for (const auto& t : *v) n += t.numel() * t.element_size();
+    return n;
   }
 
   int64_t num_blocks() const { return (int64_t)blocks_.size(); }
@@ -230,23 +286,27 @@ class Decoder {
     }
   }
 
-  // qkv [T, (heads + 2 kv_heads) d] -> attention output [T, heads d]; writes k, v into the cache.
-  Tensor attend(size_t l, const Tensor& qkv, const Tensor& seqs, double scaling) {
+  // The step's sequences: their rows [row0[s], row0[s + 1]) of the step, first positions, cache slots.
+  struct Seqs {
+    std::vector<int64_t> row0, pos0, slot;
+    explicit Seqs(const Tensor& seqs) : row0(seqs.size(0) + 1, 0), pos0(seqs.size(0)), slot(seqs.size(0)) {
+      const int64_t* sq = seqs.data_ptr<int64_t>();
+      for (int64_t s = 0; s < seqs.size(0); ++s)
+        slot[s] = sq[s * 3], pos0[s] = sq[s * 3 + 1], row0[s + 1] = row0[s] + sq[s * 3 + 2];
+    }
+    int64_t size() const { return (int64_t)slot.size(); }
+    int64_t count(int64_t s) const { return row0[s + 1] - row0[s]; }
+  };
+
+  // RoPE on each row's q (into q [T, heads, d]) and k, and k, v into block l's cache at the row's position.
+  void write_rows(size_t l, const Tensor& qkv, const Seqs& sq, Tensor& q) {
     const int64_t T = qkv.size(0), nq = heads_ * d_, nk = kv_heads_ * d_, width = nq + 2 * nk;
-    Tensor attn = at::empty({T, nq}, qkv.options());
-    Tensor q = at::empty({T, heads_, d_}, qkv.options());
     const float* src = qkv.data_ptr<float>();
-    float* kc = keys_[l].data_ptr<float>();
-    float* vc = values_[l].data_ptr<float>();
-    const int64_t* sq = seqs.data_ptr<int64_t>();
-    const int64_t S = seqs.size(0);
-    std::vector<int64_t> row0(S + 1, 0), pos0(S), slot(S);
-    for (int64_t s = 0; s < S; ++s) slot[s] = sq[s * 3], pos0[s] = sq[s * 3 + 1], row0[s + 1] = row0[s] + sq[s * 3 + 2];
-    // RoPE and the cache writes, row by row (each row belongs to one sequence and one position)
     at::parallel_for(0, T, 16, [&](int64_t r0, int64_t r1) {
+      std::vector<float> kbuf(d_);
       for (int64_t r = r0; r < r1; ++r) {
-        const int64_t s = std::upper_bound(row0.begin(), row0.end(), r) - row0.begin() - 1;
-        const int64_t pos = pos0[s] + (r - row0[s]);
+        const int64_t s = std::upper_bound(sq.row0.begin(), sq.row0.end(), r) - sq.row0.begin() - 1;
+        const int64_t pos = sq.pos0[s] + (r - sq.row0[s]);
         const float* row = src + r * width;
         const float* c = cos_.defined() ? cos_.data_ptr<float>() + pos * d_ : nullptr;
         const float* sn = cos_.defined() ? sin_.data_ptr<float>() + pos * d_ : nullptr;
@@ -256,29 +316,73 @@ class Decoder {
           else std::memcpy(qr + h * d_, row + h * d_, d_ * sizeof(float));
         }
         for (int64_t h = 0; h < kv_heads_; ++h) {
-          const int64_t at_ = ((slot[s] * kv_heads_ + h) * max_len_ + pos) * d_;
-          if (c) rope_head(row + nq + h * d_, c, sn, d_, kc + at_);
-          else std::memcpy(kc + at_, row + nq + h * d_, d_ * sizeof(float));
-          std::memcpy(vc + at_, row + nq + nk + h * d_, d_ * sizeof(float));
+          const int64_t tok = (sq.slot[s] * kv_heads_ + h) * max_len_ + pos;     // [slot, head, pos]
+          const float* k = row + nq + h * d_;
+          if (c) rope_head(k, c, sn, d_, kbuf.data()), k = kbuf.data();
+          const float* v = row + nq + nk + h * d_;
+          if (int8_) {
+            quantize_head(k, d_, keys_[l].data_ptr<int8_t>() + tok * d_, kscale_[l].data_ptr<float>() + tok);
+            quantize_head(v, d_, values_[l].data_ptr<int8_t>() + tok * d_, vscale_[l].data_ptr<float>() + tok);
+          } else {
+            std::memcpy(keys_[l].data_ptr<float>() + tok * d_, k, d_ * sizeof(float));
+            std::memcpy(values_[l].data_ptr<float>() + tok * d_, v, d_ * sizeof(float));
+          }
         }
       }
     });
-    for (int64_t s = 0; s < S; ++s) {
-      const int64_t n = row0[s + 1] - row0[s], len = pos0[s] + n;
-      const Tensor qs = q.narrow(0, row0[s], n).view({1, n, heads_, d_}).transpose(1, 2);    // [1, heads, n, d]
-      const Tensor ks = keys_[l].select(0, slot[s]).narrow(1, 0, len).unsqueeze(0);          // [1, kv, len, d]
-      const Tensor vs = values_[l].select(0, slot[s]).narrow(1, 0, len).unsqueeze(0);
+  }
+
+  // Block l's cached keys and values of slot for positions [0, len), as float32 [1, kv, len, d]
+  // (views of a float cache; dequantized from an INT8 one).
+  std::pair<Tensor, Tensor> cached(size_t l, int64_t slot, int64_t len) const {
+    auto part = [&](const Tensor& t) { return t.select(0, slot).narrow(1, 0, len); };
+    if (!int8_) return {part(keys_[l]).unsqueeze(0), part(values_[l]).unsqueeze(0)};
+    return {(part(keys_[l]).to(at::kFloat) * part(kscale_[l]).unsqueeze(-1)).unsqueeze(0),
+            (part(values_[l]).to(at::kFloat) * part(vscale_[l]).unsqueeze(-1)).unsqueeze(0)};
+  }
+
+  // Decode steps over an INT8 cache: one query per sequence, straight from the int8 rows.
+  void attend_decode_i8(size_t l, const Tensor& q, const Seqs& sq, double scaling, Tensor& attn) const {
+    const int64_t rep = heads_ / kv_heads_;
+    at::parallel_for(0, sq.size() * heads_, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> scores(max_len_);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t s = t / heads_, h = t % heads_, g = h / rep, r = sq.row0[s];
+        const int64_t base = (sq.slot[s] * kv_heads_ + g) * max_len_;
+        attend_i8(q.data_ptr<float>() + (r * heads_ + h) * d_, keys_[l].data_ptr<int8_t>() + base * d_,
+                  kscale_[l].data_ptr<float>() + base, values_[l].data_ptr<int8_t>() + base * d_,
+                  vscale_[l].data_ptr<float>() + base, sq.pos0[s] + 1, d_, scaling, scores.data(),
+                  attn.data_ptr<float>() + (r * heads_ + h) * d_);
+      }
+    });
+  }
+
+  // qkv [T, (heads + 2 kv_heads) d] -> attention output [T, heads d]; writes k, v into the cache.
+  Tensor attend(size_t l, const Tensor& qkv, const Tensor& seqs, double scaling) {
+    const int64_t T = qkv.size(0);
+    const Seqs sq(seqs);
+    Tensor attn = at::empty({T, heads_ * d_}, qkv.options());
+    Tensor q = at::empty({T, heads_, d_}, qkv.options());
+    write_rows(l, qkv, sq, q);
+    if (int8_ && T == sq.size()) {            // every sequence adds one token
+      attend_decode_i8(l, q, sq, scaling, attn);
+      return attn;
+    }
+    for (int64_t s = 0; s < sq.size(); ++s) {
+      const int64_t n = sq.count(s), p0 = sq.pos0[s], len = p0 + n;
+      const Tensor qs = q.narrow(0, sq.row0[s], n).view({1, n, heads_, d_}).transpose(1, 2);   // [1, heads, n, d]
+      const auto [ks, vs] = cached(l, sq.slot[s], len);                                        // [1, kv, len, d]
       std::optional<Tensor> mask;
       bool causal = false;
-      if (n > 1 && pos0[s] == 0) {
+      if (n > 1 && p0 == 0) {
         causal = true;                        // a prompt from position 0: HF's is_causal path
       } else if (n > 1) {                     // new tokens after cached ones: query i sees keys <= start + i
-        const Tensor qi = at::arange(n, at::kLong).unsqueeze(1) + pos0[s];
+        const Tensor qi = at::arange(n, at::kLong).unsqueeze(1) + p0;
         mask = (qi >= at::arange(len, at::kLong).unsqueeze(0)).view({1, 1, n, len});
       }
       const Tensor out = at::scaled_dot_product_attention(qs, ks, vs, mask, 0.0, causal, scaling,
                                                           heads_ != kv_heads_);        // [1, heads, n, d]
-      attn.narrow(0, row0[s], n).view({n, heads_, d_}).copy_(out.select(0, 0).transpose(0, 1));
+      attn.narrow(0, sq.row0[s], n).view({n, heads_, d_}).copy_(out.select(0, 0).transpose(0, 1));
     }
     return attn;
   }
@@ -287,8 +391,9 @@ class Decoder {
   Tensor cos_, sin_;
   NormParams final_;
   std::vector<Block> blocks_;
-  std::vector<Tensor> keys_, values_;
+  std::vector<Tensor> keys_, values_, kscale_, vscale_;
   int64_t slots_ = 0, max_len_ = 0;
+  bool int8_ = false;
 };
 
 void register_decode(pybind11::module_& m) {
@@ -317,6 +422,7 @@ void register_decode(pybind11::module_& m) {
       .def("reserve", &Decoder::reserve, nogil)
       .def("step", &Decoder::step, nogil)
       .def("cache", &Decoder::cache)
+      .def_property_readonly("cache_bytes", &Decoder::cache_bytes)
       .def_property_readonly("num_blocks", &Decoder::num_blocks)
       .def_property_readonly("slots", &Decoder::slots)
       .def_property_readonly("max_len", &Decoder::max_len);
