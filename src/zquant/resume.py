@@ -14,11 +14,18 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from . import outdir
 from .fsutil import atomic_file
 
 RESUME_FORMAT = "zquant-lkd-resume"
 RESUME_VERSION = 1
 PROGRESS_FILE = "progress.json"
+
+
+def check_target(directory, sources=(), force: bool = False, force_hint: str = "pass force=True") -> Path:
+    """``directory`` once a default resume directory may go there and be removed after the save
+    (`zquant.outdir.check_target`): absent, empty or a resume directory already, unless ``force``."""
+    return outdir.check_target(directory, PROGRESS_FILE, "LKD resume directory", sources, force, force_hint)
 
 
 def tensor_bytes(t: Tensor) -> bytes:

@@ -1,0 +1,175 @@
+"""Writing results never destroys data (issue: trustworthy by default): targets that are not
+zquant's own are refused before the slow work, the replacement is atomic, stale temporary
+siblings are cleaned without touching a live writer's, and LKD resume blocks are verified."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+import zquant
+from conftest import make_tiny
+from zquant import fsutil
+from zquant.cli import main
+from zquant.config import LKDConfig
+from zquant.outdir import OutputError, check_target
+
+SRC = str(Path(zquant.__file__).resolve().parents[1])
+
+
+def _one_line_error(capsys, *argv) -> str:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("zquant: error: "), err
+    return err
+
+
+@pytest.fixture
+def no_slow_work(monkeypatch):
+    """Fail the test if the CLI gets as far as loading the model."""
+    import zquant.api
+
+    def forbidden(*a, **k):
+        raise AssertionError("the target was not checked before the model was loaded")
+    monkeypatch.setattr(zquant.api, "load", forbidden)
+    monkeypatch.setattr(zquant.api, "load_tokenizer", forbidden)
+
+
+def _user_dir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "thesis.tex").write_text("years of work")
+    return path
+
+
+def _quantized():
+    return zquant.quantize(make_tiny("llama", vocab_size=300), "w8a8")
+
+
+# ------------------------------------------------------------------------------------------------
+# What may be replaced
+# ------------------------------------------------------------------------------------------------
+
+def test_quantize_refuses_a_directory_of_user_files(tiny_model_dir, tmp_path, capsys, no_slow_work):
+    out = _user_dir(tmp_path / "mine")
+    err = _one_line_error(capsys, "quantize", tiny_model_dir, "--scheme", "w8a8", "--out", out)
+    assert "not empty" in err and "--force" in err
+    assert (out / "thesis.tex").read_text() == "years of work"
+
+
+def test_quantize_refuses_a_regular_file(tiny_model_dir, tmp_path, capsys, no_slow_work):
+    out = tmp_path / "notes.txt"
+    out.write_text("keep me")
+    assert "is a file" in _one_line_error(capsys, "quantize", tiny_model_dir, "--scheme", "w8a8", "--out", out)
+    assert out.read_text() == "keep me"
+
+
+def test_force_replaces_and_a_checkpoint_or_empty_dir_is_replaced_without_it(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    out.mkdir()                                                  # empty: fine
+    args = ["quantize", str(tiny_model_dir), "--scheme", "w8a8", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    assert main(args) == 0, capsys.readouterr().err             # a checkpoint: replaced
+    _user_dir(tmp_path / "mine")
+    assert main([*args[:-3], "--out", str(tmp_path / "mine"), "--force", "--quiet"]) == 0
+    assert not (tmp_path / "mine" / "thesis.tex").exists() and zquant.load(tmp_path / "mine") is not None
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("where", ["model", "inside", "contains"])
+def test_out_never_overlaps_the_model_even_forced(tiny_model_dir, tmp_path, capsys, no_slow_work, where):
+    out = {"model": tiny_model_dir, "inside": tiny_model_dir / "q", "contains": tmp_path}[where]
+    before = sorted(p.name for p in tiny_model_dir.iterdir())
+    err = _one_line_error(capsys, "quantize", tiny_model_dir, "--scheme", "w8a8", "--out", out, "--force")
+    assert "model being read" in err
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == before
+
+
+def test_out_next_to_a_gguf_is_fine_but_not_the_file(tmp_path):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert check_target(tmp_path / "m-w8a8", "zquant.json", "checkpoint", [gguf]) == tmp_path / "m-w8a8"
+    with pytest.raises(OutputError, match="is the model being read"):
+        check_target(gguf, "zquant.json", "checkpoint", [gguf], force=True)
+
+
+@pytest.mark.parametrize("out", [".", "..", "./"])
+def test_dot_targets_are_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch, no_slow_work, out):
+    monkeypatch.chdir(_user_dir(tmp_path / "work"))
+    err = _one_line_error(capsys, "quantize", tiny_model_dir, "--scheme", "w8a8", "--out", out)
+    assert "not '.' or '..'" in err
+
+
+def test_home_cwd_and_root_are_never_replaced(tiny_model_dir, tmp_path, capsys, monkeypatch, no_slow_work):
+    monkeypatch.setenv("HOME", str(_user_dir(tmp_path / "home")))
+    assert "home directory" in _one_line_error(capsys, "quantize", tiny_model_dir, "--scheme", "w8a8",
+                                               "--out", "~", "--force")
+    monkeypatch.chdir(_user_dir(tmp_path / "a" / "b"))
+    assert "current directory" in _one_line_error(capsys, "quantize", tiny_model_dir, "--scheme", "w8a8",
+                                                  "--out", tmp_path / "a", "--force")
+    with pytest.raises(OutputError, match="filesystem root"):
+        check_target(Path("/"), "zquant.json", "checkpoint", force=True)
+
+
+def test_unwritable_parent_fails_before_the_slow_work(tiny_model_dir, tmp_path, capsys, no_slow_work):
+    (tmp_path / "file").write_text("x")
+    err = _one_line_error(capsys, "quantize", tiny_model_dir, "--scheme", "w8a8", "--out", tmp_path / "file" / "q")
+    assert "cannot write in" in err
+
+
+def test_missing_parent_is_created_before_the_slow_work(tiny_model_dir, tmp_path, capsys, no_slow_work):
+    with pytest.raises(AssertionError, match="before the model was loaded"):
+        main(["quantize", str(tiny_model_dir), "--scheme", "w8a8", "--out", str(tmp_path / "new" / "deep" / "q")])
+    assert (tmp_path / "new" / "deep").is_dir() and not list((tmp_path / "new" / "deep").iterdir())
+
+
+def test_compare_save_checks_each_scheme_folder(tiny_model_dir, tmp_path, capsys, no_slow_work):
+    _user_dir(tmp_path / "runs" / "w4-8a8")
+    err = _one_line_error(capsys, "compare", tiny_model_dir, "--schemes", "w8a8,w4/8a8", "--save", tmp_path / "runs")
+    assert "w4-8a8" in err and "not empty" in err
+
+
+def test_inspect_refuses_user_files_and_replaces_its_own_output(tiny_model_dir, tmp_path, capsys, no_slow_work):
+    out = _user_dir(tmp_path / "plots")
+    err = _one_line_error(capsys, "inspect", tiny_model_dir, "--out", out)
+    assert "inspect output" in err and (out / "thesis.tex").exists()
+    from zquant.report.inspect_dir import MANIFEST, check_target as inspect_target
+    (out / MANIFEST).write_text(json.dumps({"plots": [], "json": []}))
+    assert inspect_target(out) == out
+
+
+def test_default_lkd_resume_folder_must_be_ours(tiny_model_dir, tmp_path, capsys, no_slow_work):
+    _user_dir(tmp_path / "q.lkd-resume")                         # removed after the save: refuse it
+    err = _one_line_error(capsys, "quantize", tiny_model_dir, "--scheme", "w8a8", "--lkd", "--out", tmp_path / "q")
+    assert "q.lkd-resume" in err and "LKD resume" in err
+
+
+def test_library_save_refuses_unless_forced_and_never_into_its_source(tiny_model_dir, tmp_path):
+    out = _user_dir(tmp_path / "mine")
+    model = _quantized()
+    with pytest.raises(OutputError, match="force=True"):
+        zquant.save(model, out)
+    assert (out / "thesis.tex").exists()
+    zquant.save(model, out, force=True)
+    zquant.load(out)
+    import dataclasses
+    model.zquant_info = dataclasses.replace(model.zquant_info, source=str(tiny_model_dir))
+    with pytest.raises(OutputError, match="inside the model"):
+        zquant.save(model, tiny_model_dir / "q", force=True)
+
+
+def test_a_symbolic_link_is_refused_and_forced_replaces_only_the_link(tmp_path):
+    target = _user_dir(tmp_path / "elsewhere")
+    (tmp_path / "q").symlink_to(target)
+    model = _quantized()
+    with pytest.raises(OutputError, match="symbolic link"):
+        zquant.save(model, tmp_path / "q")
+    zquant.save(model, tmp_path / "q", force=True)
+    assert not (tmp_path / "q").is_symlink() and zquant.load(tmp_path / "q") is not None
+    assert (target / "thesis.tex").read_text() == "years of work"
