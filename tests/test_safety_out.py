@@ -173,3 +173,112 @@ def test_a_symbolic_link_is_refused_and_forced_replaces_only_the_link(tmp_path):
     zquant.save(model, tmp_path / "q", force=True)
     assert not (tmp_path / "q").is_symlink() and zquant.load(tmp_path / "q") is not None
     assert (target / "thesis.tex").read_text() == "years of work"
+
+
+# ------------------------------------------------------------------------------------------------
+# Atomic replacement
+# ------------------------------------------------------------------------------------------------
+
+KILLED_SAVE = """
+import os, signal, sys
+sys.path.insert(0, {src!r}); sys.path.insert(0, {tests!r})
+import zquant
+from zquant import fsutil
+from conftest import make_tiny
+out = {out!r}
+model = zquant.quantize(make_tiny("llama", seed=1), "w8a8")
+def killed_after(fn):
+    def call(*args):
+        result = fn(*args)
+        if any(os.fspath(a) == out for a in args if isinstance(a, (str, os.PathLike))):
+            os.kill(os.getpid(), signal.SIGKILL)  # dies right after the first step that touches OUT
+        return result
+    return call
+if {fallback}:
+    fsutil._renameat2 = lambda *a: 22          # EINVAL: this filesystem cannot exchange
+elif hasattr(fsutil, "_renameat2"):
+    fsutil._renameat2 = killed_after(fsutil._renameat2)
+os.replace, os.rename = killed_after(os.replace), killed_after(os.rename)
+zquant.save(model, out)
+"""
+
+
+def _killed_save(out: Path, fallback: bool = False) -> None:
+    script = KILLED_SAVE.format(src=SRC, tests=str(Path(__file__).parent), out=str(out), fallback=fallback)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr
+
+
+def _siblings(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def test_a_kill_during_the_swap_leaves_a_checkpoint_and_the_next_save_cleans_up(tmp_path):
+    out = tmp_path / "q"
+    model = _quantized()
+    zquant.save(model, out)
+    _killed_save(out)
+    zquant.load(out)                         # the old or the new checkpoint, never none
+    assert _siblings(out)                    # the killed writer's leftovers ...
+    zquant.save(model, out)
+    assert _siblings(out) == []              # ... are gone after the next save
+    zquant.load(out)
+
+
+def test_two_rename_fallback_warns_and_a_kill_between_is_repaired(tmp_path, monkeypatch):
+    out = tmp_path / "q"
+    model = _quantized()
+    zquant.save(model, out)
+    _killed_save(out, fallback=True)         # killed between the two renames: OUT is missing
+    assert not out.exists() and any(".q.old-" in s for s in _siblings(out))
+    assert fsutil.remove_stale_siblings(out) and _siblings(out) == []
+    zquant.load(out)                         # the previous copy was put back
+    monkeypatch.setattr(fsutil, "_renameat2", lambda *a: errno.EINVAL)
+    monkeypatch.setattr(fsutil, "_warned_no_exchange", [])
+    with pytest.warns(RuntimeWarning, match="two renames"):
+        zquant.save(model, out)
+    zquant.load(out)
+    assert _siblings(out) == []
+
+
+def test_exchange_swaps_two_directories(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").write_text("file")
+    if not fsutil.exchange(tmp_path / "a", tmp_path / "b"):
+        pytest.skip("this filesystem cannot exchange")
+    assert (tmp_path / "a").read_text() == "file" and (tmp_path / "b").is_dir()
+
+
+def test_stale_siblings_go_but_a_live_writers_stay(tmp_path):
+    out = tmp_path / "q"
+    for stale in (".q.tmp-dead1", ".q.old-dead2"):
+        (tmp_path / stale / "d").mkdir(parents=True)
+    (tmp_path / ".qq.tmp-other").mkdir()                     # another target's: not ours to touch
+    live = fsutil.atomic_directory(out)
+    tmp = live.__enter__()                                   # a writer still writing (its lock held)
+    (tmp / "partial").write_text("half")
+    zquant.save(_quantized(), out)                           # cleans up before it writes
+    assert tmp.is_dir() and (tmp / "partial").exists()
+    assert _siblings(out) == [tmp.name] and (tmp_path / ".qq.tmp-other").is_dir()
+    live.__exit__(None, None, None)                          # the live writer finishes: its directory wins
+    assert (out / "partial").read_text() == "half" and _siblings(out) == []
+
+
+def test_concurrent_saves_stay_consistent(tmp_path):
+    out, errors = tmp_path / "q", []
+    models = [zquant.quantize(make_tiny("llama", seed=s), "w8a8") for s in (0, 1)]
+
+    def writer(model):
+        try:
+            for _ in range(3):
+                zquant.save(model, out)
+        except BaseException as e:           # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=writer, args=(m,)) for m in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    zquant.load(out)
+    assert _siblings(out) == []
