@@ -282,3 +282,59 @@ def test_concurrent_saves_stay_consistent(tmp_path):
     assert not errors
     zquant.load(out)
     assert _siblings(out) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# LKD resume integrity
+# ------------------------------------------------------------------------------------------------
+
+RESUME_LKD = LKDConfig(data="random", samples=2, seq_len=8, steps=1, batch_size=2)
+
+
+@pytest.fixture
+def finished_resume(tmp_path):
+    resume = tmp_path / "r"
+    zquant.quantize(make_tiny("llama"), "w8a8", lkd=RESUME_LKD, lkd_resume=resume, quiet=True)
+    return resume
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01                         # one bit of the last tensor's data
+    path.write_bytes(bytes(data))
+
+
+def _swap(a: Path, b: Path) -> None:
+    tmp = a.with_suffix(".swap")
+    os.replace(a, tmp)
+    os.replace(b, a)
+    os.replace(tmp, b)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda r: _flip(r / "block-0001.safetensors"), "block 1's saved file: SHA-256 does not match"),
+    (lambda r: _swap(r / "block-0000.safetensors", r / "block-0001.safetensors"), "block 0's saved file: SHA-256"),
+    (lambda r: (r / "block-0000.safetensors").write_bytes((r / "block-0000.safetensors").read_bytes()[:100]),
+     "block 0's saved file: 100 bytes, expected"),
+], ids=["flipped-bit", "swapped", "truncated"])
+def test_damaged_resume_blocks_are_refused(finished_resume, damage, message):
+    damage(finished_resume)
+    with pytest.raises(ValueError, match=message) as info:
+        zquant.quantize(make_tiny("llama"), "w8a8", lkd=RESUME_LKD, lkd_resume=finished_resume, quiet=True)
+    assert f"delete {finished_resume}" in str(info.value)
+
+
+def test_damaged_resume_block_is_one_cli_line(tiny_model_dir, tmp_path, capsys):
+    args = ["quantize", str(tiny_model_dir), "--scheme", "w8a8", "--lkd", "--lkd-data", "random", "--lkd-samples",
+            "2", "--lkd-seq-len", "8", "--lkd-steps", "1", "--lkd-resume", str(tmp_path / "r"), "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "q")]) == 0
+    block = tmp_path / "r" / "block-0000.safetensors"
+    block.write_bytes(block.read_bytes()[:-7])
+    err = _one_line_error(capsys, *args, "--out", tmp_path / "q2")
+    assert "block 0" in err and "truncated" in err and "delete" in err
+
+
+def test_intact_resume_still_loads(finished_resume):
+    progress = json.loads((finished_resume / "progress.json").read_text())
+    assert [set(f) for f in progress["files"]] == [{"sha256", "bytes"}] * 2
+    zquant.quantize(make_tiny("llama"), "w8a8", lkd=RESUME_LKD, lkd_resume=finished_resume, quiet=True)
