@@ -99,6 +99,11 @@ def quantize(model: nn.Module, scheme: str | QuantConfig, calibration: Iterable[
     return model
 
 
-def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, format: str = "zquant") -> Path:
-    """Write a quantized model (and the tokenizer if given) atomically, in zquant's format by default."""
-    return formats.write(model, directory, format, tokenizer)
+def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, format: str = "zquant",
+         force: bool = False) -> Path:
+    """Write a quantized model (and the tokenizer if given) atomically, in zquant's format by default.
+
+    ``directory`` must be absent, an empty directory or a zquant checkpoint, which is replaced;
+    anything else there (other files, a regular file, a link) is refused unless ``force=True``.
+    The model's recorded source, or a path inside it, is always refused."""
+    return formats.write(model, directory, format, tokenizer, force)

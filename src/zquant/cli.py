@@ -80,6 +80,19 @@ def _lkd_configs(args) -> dict:
     return {f"+lkd({d})": LKDConfig(data=d, **given) for d in datas}
 
 
+def _add_force(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--force", action="store_true",
+                   help=f"replace {what} even when it holds other files or is a file (never the model read)")
+
+
+def _check_out(args, path: Path, check) -> Path:
+    """``path`` once ``check`` (a `zquant.outdir.check_target` wrapper) allows writing it: called
+    before the slow work. The MODEL (and --reference) read are never written."""
+    from .sources import resolve
+    read = [resolve(m) for m in (args.model, getattr(args, "reference", None)) if m]
+    return check(path, read, args.force, "pass --force")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zquant", description="ZeroQuant post-training quantization for "
                                      "Hugging Face transformers.")
@@ -90,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="model directory, .gguf file, or built-in name (smollm2-135m, minilm-l6)")
     q.add_argument("--scheme", required=True, help="preset: w8a8, w8a8-static, w8a16, w4/8a16, w4/8a8")
     q.add_argument("--out", default=None, help="output directory (default: out/MODEL-SCHEME)")
+    _add_force(q, "OUT")
     q.add_argument("--quiet", action="store_true", help="no progress on stderr")
     _add_scheme_options(q)
     _add_lkd_options(q)
@@ -105,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--schemes", type=_schemes, default=["w8a8-static", "w8a8", "w8a16", "w4/8a16", "w4/8a8"],
                    help="comma-separated presets (default: all)")
     c.add_argument("--save", metavar="DIR", default=None, help="also save each quantized model under DIR")
+    _add_force(c, "a DIR/SCHEME folder")
     c.add_argument("--report", metavar="DIR", default=None,
                    help="also write DIR/index.html: one self-contained page with the table, sizes, range plots and "
                         "per-layer SNR (measured on the --ppl text)")
@@ -119,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--text", default=None, help="sample text: a UTF-8 file or a packaged name (default: wiki)")
     i.add_argument("--tokens", type=int, default=256, help="tokens of sample text (default 256)")
     i.add_argument("--out", default=None, help="output directory (default: out/inspect-MODEL)")
+    _add_force(i, "OUT")
     i.add_argument("--schemes", type=_schemes, default=["w8a8"],
                    help="comma-separated presets whose per-layer SNR to measure (default w8a8; 'none' for none)")
     i.add_argument("--blocks", default="auto",
@@ -199,8 +215,10 @@ def _with_source(model, source: str):
 
 
 def cmd_quantize(args) -> int:
+    from . import checkpoint
     from .api import load, load_tokenizer, save
     from .config import file_stem
+    from .resume import check_target as resume_check_target
     config = _config(args, args.scheme)        # validate before the slow load
     lkd = _lkd_configs(args)
     if len(lkd) > 1:
@@ -209,13 +227,16 @@ def cmd_quantize(args) -> int:
     out = Path(args.out or f"out/{Path(str(args.model)).stem}-{file_stem(config.name)}{'-lkd' if lkd else ''}")
     # By default an LKD run keeps its finished blocks next to OUT until the model is saved, so
     # running the same command again after an interruption resumes it.
+    out = _check_out(args, out, checkpoint.check_target)
     resume = Path(args.lkd_resume) if args.lkd_resume else out.with_name(out.name + ".lkd-resume")
+    if lkd and not args.lkd_resume:            # removed once saved: it must be ours to remove
+        _check_out(args, resume, resume_check_target)
     log = _log(args)
     log(f"loading {args.model}")
     model, tokenizer = load(args.model), load_tokenizer(args.model)
     log(f"quantizing with {config.name}{' and LKD' if lkd else ''}")
     model = _with_source(_quantize_fn(args, tokenizer, lambda name: resume)(model, args.scheme + suffix), str(args.model))
-    save(model, out, tokenizer)
+    save(model, out, tokenizer, force=args.force)
     if lkd and not args.lkd_resume:
         import shutil
         shutil.rmtree(resume, ignore_errors=True)
@@ -258,12 +279,16 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from . import checkpoint
     from .api import load, load_tokenizer, save
     from .config import file_stem
     from .eval import compare, format_table
     for scheme in args.schemes:
         _config(args, scheme)                  # validate every scheme before the slow work
     names = [s + suffix for s in args.schemes for suffix in ("", *_lkd_configs(args))]
+    if args.save:
+        for name in names:
+            _check_out(args, Path(args.save) / file_stem(name), checkpoint.check_target)
     log = _log(args)
     log(f"loading {args.model}")
     model, tokenizer = load(args.model), load_tokenizer(args.model)
@@ -282,7 +307,7 @@ def cmd_compare(args) -> int:
 
     def on_quantized(name, qmodel):
         if args.save:
-            log(f"saved {save(qmodel, Path(args.save) / file_stem(name), tokenizer)}")
+            log(f"saved {save(qmodel, Path(args.save) / file_stem(name), tokenizer, force=args.force)}")
         if collector is not None:
             collector(name, qmodel)
 
@@ -313,11 +338,14 @@ def cmd_inspect(args) -> int:
     from .data import DEFAULT_EVAL_TEXT, read_text
     from .plots import Caption
     from .report import inspect_to_dir
+    from .report.inspect_dir import check_target as check_inspect_target
     text = args.text or DEFAULT_EVAL_TEXT
     read_text(text)                            # a bad --text fails before the slow load
     schemes = [s for s in args.schemes if s != "none"]
     for scheme in schemes:
         _config(args, scheme)
+    label = _model_label(args.model)
+    out = _check_out(args, Path(args.out or f"out/inspect-{file_stem(label)}"), check_inspect_target)
     log = _log(args)
     log(f"loading {args.model}")
     tokenizer = load_tokenizer(args.model)
@@ -330,9 +358,8 @@ def cmd_inspect(args) -> int:
         quantize_fn = _quantize_fn(args, tokenizer)
         quantized = {s: (lambda s=s: quantize_fn(copy.deepcopy(fp), s)) for s in schemes}
     ids = sample_input(tokenizer, text, args.tokens)
-    label = _model_label(args.model)
-    out = Path(args.out or f"out/inspect-{file_stem(label)}")
-    manifest = inspect_to_dir(out, fp, ids, Caption(label, text, ids.numel()), args.blocks, quantized, tokenizer, log)
+    manifest = inspect_to_dir(out, fp, ids, Caption(label, text, ids.numel()), args.blocks, quantized, tokenizer, log,
+                              force=args.force)
     log(f"{len(manifest['plots'])} plots and {len(manifest['json'])} JSON files in {manifest['seconds']} s")
     print(out)
     return 0

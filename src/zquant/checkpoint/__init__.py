@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import outdir
 from ..config import ConfigError
 from ..convert import empty_layers, mark_quantized
 from ..fsutil import atomic_directory, sha256
@@ -31,7 +32,7 @@ META = "zquant.json"
 _HEADER_KEYS = ("format", "format_version", "zquant_version", "torch_version", "model_class", "source_config",
                 "weights")
 
-__all__ = ["CheckpointError", "FORMAT", "META", "WEIGHTS", "is_checkpoint", "load", "read_meta", "save"]
+__all__ = ["CheckpointError", "FORMAT", "META", "WEIGHTS", "check_target", "is_checkpoint", "load", "read_meta", "save"]
 
 
 def _version() -> str:
@@ -43,13 +44,32 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / META).is_file()
 
 
-def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path:
-    """Write a quantized model (and optionally its tokenizer) to ``directory``, atomically."""
+def check_target(directory: str | os.PathLike, sources=(), force: bool = False,
+                 force_hint: str = "pass force=True") -> Path:
+    """``directory`` once a checkpoint may be written there (`zquant.outdir.check_target`): absent,
+    empty or a checkpoint already, unless ``force``; never the model read (``sources``) or inside it."""
+    return outdir.check_target(directory, META, "zquant checkpoint", sources, force, force_hint)
+
+
+def _source_paths(record: QuantRecord) -> list[Path]:
+    """The recorded MODEL as a path (a directory or .gguf file, a built-in name's package file)."""
+    from ..sources import resolve
+    try:
+        return [resolve(record.source)] if record.source else []
+    except ValueError:              # the source is gone or was never a path: nothing to protect
+        return []
+
+
+def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, force: bool = False) -> Path:
+    """Write a quantized model (and optionally its tokenizer) to ``directory``, atomically.
+
+    ``directory`` must be absent, empty or a zquant checkpoint (which is replaced); ``force=True``
+    replaces anything else there. Never the recorded source model or a path inside it."""
     from safetensors.torch import save_model
     record = record_of(model)
     if record is None:
         raise ValueError("zquant.save expects a model quantized by zquant.quantize (it has no quantization record)")
-    directory = Path(directory)
+    directory = check_target(directory, _source_paths(record), force)
     with atomic_directory(directory) as tmp:
         save_model(model, str(tmp / WEIGHTS))
         if tokenizer is not None:
