@@ -146,7 +146,7 @@ class Generation:
 
     def _accept(self, seq: _Seq, logits: torch.Tensor, now: float) -> str:
         """Choose and record seq's next token; returns the text it adds."""
-        seen = torch.tensor(seq.prompt + seq.new, dtype=torch.long)
+        seen = torch.tensor(seq.prompt + seq.new, dtype=torch.long) if self.opts.repetition_penalty != 1 else None
         tok = next_token(logits, seen, self.opts, seq.generator)
         seq.t_first = seq.t_first or now
         seq.t_last = now

@@ -13,10 +13,10 @@ from torch import Tensor
 from .options import GenerationOptions
 
 
-def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+def apply_repetition_penalty(logits: Tensor, seen: Tensor | None, penalty: float) -> Tensor:
     """logits [V] with every token in ``seen`` (int64 ids) made less likely: divided by ``penalty``
     where positive, multiplied where negative (the CTRL paper's rule, as transformers applies it)."""
-    if penalty == 1.0 or seen.numel() == 0:
+    if penalty == 1.0 or seen is None or seen.numel() == 0:
         return logits
     ids = torch.unique(seen)
     picked = logits[ids]
@@ -44,7 +44,7 @@ def filter_top_p(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
 
 
-def next_token(logits: Tensor, seen: Tensor, opts: GenerationOptions, generator: torch.Generator | None) -> int:
+def next_token(logits: Tensor, seen: Tensor | None, opts: GenerationOptions, generator: torch.Generator | None) -> int:
     """The next token id from one sequence's float32 logits [V]."""
     logits = apply_repetition_penalty(logits, seen, opts.repetition_penalty)
     if opts.temperature == 0:
