@@ -133,15 +133,25 @@ def refuse_custom_code(path: Path) -> None:
                                    "runs code from a model directory")
 
 
-def _load_hf_dir(path: Path) -> nn.Module:
+def _config(path: Path):
+    """The model directory's config, an inconsistent one (heads that do not divide the hidden size)
+    refused in one line: transformers' validators wrap their ValueError in a multi-line error."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(path, **NO_REMOTE)
+    except StrictDataclassError as e:
+        raise ModelSourceError(f"{path / 'config.json'}: {e.__cause__ or e}") from None
+
+
+def _load_hf_dir(path: Path) -> nn.Module:
     refuse_custom_code(path)
     if not any(path.glob("*.safetensors")):
         pickled = sorted(p.name for p in path.glob("*.bin"))
         hint = (f" (it has {', '.join(pickled[:2])}, pickle files zquant does not load: convert them once with "
                 "transformers, model.save_pretrained(dir, safe_serialization=True))") if pickled else ""
         raise ModelSourceError(f"{path}: no .safetensors weights{hint}")
-    config = AutoConfig.from_pretrained(path, **NO_REMOTE)
+    config = _config(path)
     cls = model_class_for(config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -169,4 +179,8 @@ def load_tokenizer(model: str | os.PathLike):
             warnings.simplefilter("ignore")
             return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **NO_REMOTE)
     refuse_custom_code(path)
+    if (path / "zquant.json").exists():
+        from .checkpoint import check_tokenizer_files
+        check_tokenizer_files(path)
     return AutoTokenizer.from_pretrained(path, **NO_REMOTE)
+
