@@ -229,3 +229,36 @@ def test_tokenizer_file_that_is_a_symlink(tmp_path, target, message, capsys):
     (path / "tokenizer.json").unlink()
     (path / "tokenizer.json").symlink_to(outside if target == "outside" else path / target)
     assert message in _one_line_error(capsys, "eval", str(path), "--quiet")
+
+
+# -- 4. the recorded source is fingerprinted --------------------------------------------------------
+
+def _bert_dir(path: Path, seed: int, eps: float | None = None) -> Path:
+    model = make_tiny("bert", seed=seed, vocab_size=300)
+    if eps is not None:
+        model.config.layer_norm_eps = eps
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_the_fingerprint_names_the_model_not_its_files(tmp_path):
+    from zquant.sources import fingerprint
+    a = fingerprint(zquant.load(_bert_dir(tmp_path / "a", seed=0)))
+    assert a == fingerprint(make_tiny("bert", seed=0, vocab_size=300))
+    assert a != fingerprint(make_tiny("bert", seed=1, vocab_size=300))
+
+
+def test_a_recorded_source_that_changed_is_refused_at_eval(tmp_path, capsys):
+    source, out = _bert_dir(tmp_path / "src", seed=0), tmp_path / "q"
+    assert main(["quantize", str(source), "--scheme", "w8a8", "--out", str(out), "--quiet"]) == 0
+    assert len(zquant.checkpoint.read_record(out).source_sha256) == 64
+    evaluate = ["eval", str(out), "--json", "--quiet", "--max-examples", "60"]
+    assert main(evaluate) == 0                        # the unchanged source is accepted
+    capsys.readouterr()
+    for change, message in (({"seed": 1}, "its weights differ"),
+                            ({"seed": 0, "eps": 1e-3}, "its config differs (layer_norm_eps: 0.001, recorded 1e-12)")):
+        _bert_dir(source, **change)                   # another model now has the recorded name
+        err = _one_line_error(capsys, *evaluate)
+        assert f"{source} is not the model {out} was quantized from: {message}" in err and "--reference" in err
+    assert main([*evaluate, "--reference", str(source)]) == 0    # the user's explicit choice is taken

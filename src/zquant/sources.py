@@ -184,3 +184,28 @@ def load_tokenizer(model: str | os.PathLike):
         check_tokenizer_files(path)
     return AutoTokenizer.from_pretrained(path, **NO_REMOTE)
 
+
+def fingerprint(model: nn.Module) -> str:
+    """SHA-256 (hex) of a floating-point model's state dict: every tensor's name, dtype, shape and
+    bytes, in name order. Loading the same MODEL again gives the same digest whatever its file
+    layout; ~0.5 s per GB of weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def source_mismatch(model: nn.Module, sha: str, recorded_config: dict) -> str | None:
+    """What differs between ``model`` and the source a checkpoint recorded (its config, then its
+    `fingerprint`), or None when it is that model. Config keys only one side has are skipped: another
+    transformers version may add or drop defaults."""
+    import json
+    now = json.loads(json.dumps(model.config.to_dict(), default=str))     # as the checkpoint recorded it
+    volatile = {"_name_or_path", "transformers_version", "dtype", "torch_dtype"}
+    for key in sorted((now.keys() & recorded_config.keys()) - volatile):
+        if now[key] != recorded_config[key]:
+            return f"its config differs ({key}: {now[key]!r}, recorded {recorded_config[key]!r})"
+    if fingerprint(model) != sha:
+        return "its weights differ (the SHA-256 of its tensors is not the recorded one)"
+    return None
