@@ -231,6 +231,13 @@ def test_tokenizer_file_that_is_a_symlink(tmp_path, target, message, capsys):
     assert message in _one_line_error(capsys, "eval", str(path), "--quiet")
 
 
+def test_a_tokenizer_file_that_is_not_a_regular_file_is_refused(tmp_path, capsys):
+    path = _saved(tmp_path)
+    (path / "tokenizer_config.json").unlink()
+    os.mkfifo(path / "tokenizer_config.json")       # transformers skipped it silently; reading it would block
+    assert "tokenizer_config.json: not a JSON file" in _one_line_error(capsys, "eval", str(path), "--quiet")
+
+
 # -- 4. the recorded source is fingerprinted --------------------------------------------------------
 
 def _bert_dir(path: Path, seed: int, eps: float | None = None) -> Path:

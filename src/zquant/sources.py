@@ -178,17 +178,17 @@ def load_tokenizer(model: str | os.PathLike):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **NO_REMOTE)
-    refuse_custom_code(path)
     if (path / "zquant.json").exists():
         from .checkpoint import check_tokenizer_files
         check_tokenizer_files(path)
+    refuse_custom_code(path)
     return AutoTokenizer.from_pretrained(path, **NO_REMOTE)
 
 
 def fingerprint(model: nn.Module) -> str:
     """SHA-256 (hex) of a floating-point model's state dict: every tensor's name, dtype, shape and
     bytes, in name order. Loading the same MODEL again gives the same digest whatever its file
-    layout; ~0.5 s per GB of weights."""
+    layout. About 2 s per GB (1 s for SmolLM2-135M on 2 shared cores)."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())

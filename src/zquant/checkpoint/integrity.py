@@ -58,18 +58,19 @@ def check_fields(meta: Mapping, path: Path) -> None:
         raise CheckpointError(f"{path}: weights must record 'sha256' (a string) and 'bytes' (an integer)")
 
 
-def check_tokenizer_files(directory: Path, skip: tuple[str, ...] = ()) -> None:
-    """Refuse a checkpoint whose files could mislead the tokenizer loader: a symbolic link that leaves
-    the directory, a ``.json`` file that is not JSON, or no tokenizer at all (saved without one)."""
+def check_tokenizer_files(directory: Path) -> None:
+    """Refuse a checkpoint whose files could mislead (or hang) the tokenizer loader: a symbolic link
+    that leaves the directory, a ``.json`` file that is not a regular JSON file (a FIFO would block
+    the read), or no tokenizer at all (saved without one). Run before anything reads them."""
     root = directory.resolve()
     for f in sorted(directory.iterdir()):
         if f.is_symlink() and not f.resolve().is_relative_to(root):
             raise CheckpointError(f"{f}: a symbolic link that leaves the checkpoint directory")
-        if f.suffix != ".json" or f.name in skip:
+        if f.suffix != ".json":
             continue
         try:
-            if f.stat().st_size > MAX_JSON_BYTES:
-                raise ValueError("too large")
+            if not f.is_file() or f.stat().st_size > MAX_JSON_BYTES:
+                raise ValueError("not a regular file of a plausible size")
             json.loads(f.read_bytes())
         except (ValueError, OSError):
             raise CheckpointError(f"{f}: not a JSON file{' (a symbolic link)' if f.is_symlink() else ''}") from None
