@@ -79,6 +79,18 @@ def test_hostile_config_fails_fast_with_one_line(tmp_path, key, value, message):
     assert time.perf_counter() - start < 5
 
 
+def test_building_the_skeleton_is_bounded_whatever_the_config_multiplies():
+    # Layers are compared with the file's blocks before building; anything else a config multiplies
+    # (experts, sub-model layers) is stopped by the construction's call budget.
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from zquant.checkpoint.skeleton import build_skeleton
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=10**6, num_attention_heads=4)
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="building LlamaForCausalLM .* more than 5000 tensor operations"):
+        build_skeleton(LlamaForCausalLM, config, budget=5000)
+    assert time.perf_counter() - start < 5
+
+
 def test_hostile_config_allocates_nothing(tmp_path):
     # Peak resident memory is per process: measure in a fresh one, after one good load warms it up.
     good = _saved(tmp_path, name="good")

@@ -156,7 +156,7 @@ def load(directory: str | os.PathLike) -> nn.Module:
     header = read_header(weights)
     config = recorded_config(meta)
     check_block_count(config, header, weights)
-    model = build_skeleton(model_class(meta, config), config)
+    model = build_skeleton(model_class(meta, config), config, budget=16 * len(header) + 4096)
     plan = make_plan(model, record.scheme)
     if plan.adapter.name != record.adapter:
         raise CheckpointError(f"{directory / META}: records adapter {record.adapter!r}, but this zquant maps the "

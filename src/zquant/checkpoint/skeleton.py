@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .errors import CheckpointError, one_line
 
@@ -47,12 +48,31 @@ def model_class(meta: dict, config) -> type:
     return cls
 
 
-def build_skeleton(cls: type, config) -> nn.Module:
-    """``cls`` built from ``config`` with every parameter and buffer on the meta device."""
-    with warnings.catch_warnings(), torch.device("meta"):
+class _CallBudget(TorchFunctionMode):
+    """Stops a construction after ``limit`` torch calls: a config can ask for 10^6 layers or experts,
+    which takes hours to build even on the meta device (SmolLM2's 482 tensors take 788 calls)."""
+
+    def __init__(self, limit: int, what: str):
+        super().__init__()
+        self.left, self.limit, self.what = limit, limit, what
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.left -= 1
+        if self.left < 0:
+            raise CheckpointError(f"building {self.what} from the recorded source_config takes more than "
+                                  f"{self.limit} tensor operations, far more than its weights file holds")
+        return func(*args, **(kwargs or {}))
+
+
+def build_skeleton(cls: type, config, budget: int) -> nn.Module:
+    """``cls`` built from ``config`` with every parameter and buffer on the meta device, in at most
+    ``budget`` torch calls."""
+    with warnings.catch_warnings(), torch.device("meta"), _CallBudget(budget, cls.__name__):
         warnings.simplefilter("ignore")
         try:
             return cls._from_config(config, dtype=torch.float32)
+        except CheckpointError:
+            raise
         except Exception as e:   # a config transformers accepted can still fail in a module's __init__
             raise CheckpointError(f"cannot build {cls.__name__} from the recorded source_config: "
                                   f"{one_line(e)}") from None
