@@ -2,9 +2,10 @@
 
 `recorded_config` and `model_class` turn the recorded ``source_config`` and ``model_class`` into a
 transformers config and the concrete model class for it; `build_skeleton` constructs that model
-entirely on the meta device (parameters and buffers: no memory, no initialisation), so nothing
-an untrusted record asks for is allocated before `validate.check_tensors` has compared the
-skeleton with the safetensors header. `assign_weights` then puts the checkpoint's tensors in
+entirely on the meta device (parameters and buffers: no memory, no initialisation) and within a
+budget of torch calls (no config can make it run for hours), so nothing an untrusted record asks
+for is allocated before `validate.check_tensors` has compared the skeleton with the safetensors
+header. `assign_weights` then puts the checkpoint's tensors in
 place (tied weights re-tied, any tensor left unset refused), and `materialize_buffers` computes
 the buffers that are never saved (rotary frequencies, position ids) the way transformers' own
 loader does: real placeholders, then the model's ``_init_weights`` for just their modules.
