@@ -205,12 +205,12 @@ def _quantize_fn(args, tokenizer, lkd_resume=lambda name: None):
     return run
 
 
-def _with_source(model, source: str):
-    """``model`` with the MODEL argument it came from in its record."""
+def _with_source(model, source: str, sha: str):
+    """``model`` with the MODEL argument it came from and that float model's fingerprint in its record."""
     import dataclasses
     if Path(source).expanduser().exists():    # a path, recorded absolute: it must not depend on the cwd
         source = str(Path(source).expanduser().resolve())
-    model.zquant_info = dataclasses.replace(model.zquant_info, source=source)
+    model.zquant_info = dataclasses.replace(model.zquant_info, source=source, source_sha256=sha)
     return model
 
 
@@ -219,6 +219,7 @@ def cmd_quantize(args) -> int:
     from .api import load, load_tokenizer, save
     from .config import file_stem
     from .resume import check_target as resume_check_target
+    from .sources import fingerprint
     config = _config(args, args.scheme)        # validate before the slow load
     lkd = _lkd_configs(args)
     if len(lkd) > 1:
@@ -234,8 +235,10 @@ def cmd_quantize(args) -> int:
     log = _log(args)
     log(f"loading {args.model}")
     model, tokenizer = load(args.model), load_tokenizer(args.model)
+    sha = fingerprint(model)
     log(f"quantizing with {config.name}{' and LKD' if lkd else ''}")
-    model = _with_source(_quantize_fn(args, tokenizer, lambda name: resume)(model, args.scheme + suffix), str(args.model))
+    model = _with_source(_quantize_fn(args, tokenizer, lambda name: resume)(model, args.scheme + suffix),
+                         str(args.model), sha)
     save(model, out, tokenizer, force=args.force)
     if lkd and not args.lkd_resume:
         import shutil
@@ -245,16 +248,24 @@ def cmd_quantize(args) -> int:
 
 
 def _reference_model(args, path: str):
-    """The floating-point model an encoder checkpoint is compared with."""
+    """The floating-point model a checkpoint is compared with: ``--reference``, else its recorded
+    source, which must still be the model it was quantized from (its recorded fingerprint)."""
     from .api import load
     from . import checkpoint
+    from .sources import source_mismatch
     if args.reference:
         return load(args.reference)
     if checkpoint.is_checkpoint(path):
-        source = checkpoint.read_record(path).source
-        if not source:
+        meta = checkpoint.read_meta(path)
+        record = checkpoint.read_record(path, meta)
+        if not record.source:
             raise ValueError(f"{path} does not record its floating-point source: pass --reference MODEL")
-        return load(source)
+        fp = load(record.source)
+        differs = record.source_sha256 and source_mismatch(fp, record.source_sha256, meta["source_config"])
+        if differs:
+            raise ValueError(f"{record.source} is not the model {path} was quantized from: {differs}; "
+                             "pass --reference MODEL to compare with a model of your choice")
+        return fp
     return None
 
 
@@ -283,6 +294,7 @@ def cmd_compare(args) -> int:
     from .api import load, load_tokenizer, save
     from .config import file_stem
     from .eval import compare, format_table
+    from .sources import fingerprint
     for scheme in args.schemes:
         _config(args, scheme)                  # validate every scheme before the slow work
     names = [s + suffix for s in args.schemes for suffix in ("", *_lkd_configs(args))]
@@ -295,8 +307,10 @@ def cmd_compare(args) -> int:
     resume = (lambda name: Path(args.lkd_resume) / file_stem(name)) if args.lkd_resume else (lambda name: None)
     quantize_fn = _quantize_fn(args, tokenizer, resume)
 
+    sha = fingerprint(model)
+
     def quantize_and_record(m, scheme):
-        return _with_source(quantize_fn(m, scheme), str(args.model))
+        return _with_source(quantize_fn(m, scheme), str(args.model), sha)
 
     opts = _eval_opts(args)
     collector = None

@@ -35,6 +35,9 @@ class QuantRecord(Mapping):
     source: str | None = None                      # the MODEL argument the float model came from
     steps: Mapping[str, Any] = field(default_factory=dict)   # algorithm record key -> what it recorded
     version: int = RECORD_VERSION
+    # SHA-256 of that float model's state dict (`zquant.sources.fingerprint`): a reference model
+    # loaded later from ``source`` must be the same model
+    source_sha256: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.scheme, QuantConfig):
@@ -43,6 +46,9 @@ class QuantRecord(Mapping):
             raise ConfigError(f"record.adapter must be a non-empty string, got {self.adapter!r}")
         if self.source is not None and not isinstance(self.source, str):
             raise ConfigError(f"record.source must be a string or null, got {type(self.source).__name__}")
+        if self.source_sha256 is not None and not (isinstance(self.source_sha256, str)
+                                                   and len(self.source_sha256) == 64):
+            raise ConfigError(f"record.source_sha256 must be a hex SHA-256 or null, got {self.source_sha256!r}")
         unknown = sorted(set(self.steps) - set(STEP_KEYS))
         if unknown:
             raise ConfigError(f"record: unknown step(s) {unknown}; known: {list(STEP_KEYS)}")
@@ -58,6 +64,8 @@ class QuantRecord(Mapping):
         out = {"record_version": self.version, "scheme": self.scheme.to_dict(), "adapter": self.adapter}
         if self.source is not None:
             out["source"] = self.source
+        if self.source_sha256 is not None:
+            out["source_sha256"] = self.source_sha256
         return _plain({**out, **self.steps})
 
     @classmethod
@@ -74,7 +82,8 @@ class QuantRecord(Mapping):
             scheme = QuantConfig.from_dict(data["scheme"])
         except TypeError as e:
             raise ConfigError(f"record.scheme: {e}") from None
-        return cls(scheme, data["adapter"], data.get("source"), {k: data[k] for k in STEP_KEYS if k in data})
+        return cls(scheme, data["adapter"], data.get("source"), {k: data[k] for k in STEP_KEYS if k in data},
+                   source_sha256=data.get("source_sha256"))
 
     # -- read it like its JSON form -----------------------------------------------------------
     def __getitem__(self, key: str) -> Any:

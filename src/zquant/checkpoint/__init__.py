@@ -6,11 +6,20 @@ the library version and the SHA-256 of the weights file, so `load` rebuilds a ru
 from the directory alone and refuses truncated, tampered or mismatched files with a clear error.
 Nothing is ever unpickled. Writes go to a temporary sibling that is renamed into place, so a
 crash never leaves a half-written checkpoint that loads.
+
+`load` trusts nothing it reads: ``zquant.json``'s field types and checksum (`integrity`), the
+weights file's size and SHA-256, then the safetensors header against the plan (`validate`: tensor
+names, shapes and dtypes, compared on a meta-device skeleton before any tensor is allocated),
+then the scales' values. Format version 2 added the checksum and the dtype checks; a version-1
+checkpoint is refused with a "re-quantize" line rather than loaded with a warning: its description
+cannot be verified, re-quantizing takes seconds (minutes with LKD), and no version-1 checkpoint
+was ever published.
 """
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,16 +32,19 @@ from ..fsutil import atomic_directory, sha256
 from ..plan import make_plan
 from ..record import QuantRecord, record_of
 from .errors import CheckpointError
-from .skeleton import assign_weights, build_skeleton
+from .integrity import CHECKSUM, check_fields, check_tokenizer_files, stamped, verify_checksum
+from .skeleton import assign_weights, build_skeleton, materialize_buffers, model_class, recorded_config
+from .validate import check_block_count, check_buffer_budget, check_scales, check_tensors, read_header
 
 FORMAT = "zquant"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS = "model.safetensors"
 META = "zquant.json"
 _HEADER_KEYS = ("format", "format_version", "zquant_version", "torch_version", "model_class", "source_config",
-                "weights")
+                "weights", CHECKSUM)
 
-__all__ = ["CheckpointError", "FORMAT", "META", "WEIGHTS", "check_target", "is_checkpoint", "load", "read_meta", "save"]
+__all__ = ["CheckpointError", "FORMAT", "META", "WEIGHTS", "check_target", "check_tokenizer_files", "is_checkpoint",
+           "load", "read_meta", "save"]
 
 
 def _version() -> str:
@@ -69,6 +81,9 @@ def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, force: 
     record = record_of(model)
     if record is None:
         raise ValueError("zquant.save expects a model quantized by zquant.quantize (it has no quantization record)")
+    if tokenizer is None:
+        warnings.warn(f"zquant.save: no tokenizer given; evaluating or generating from {directory} will need one "
+                      "(pass tokenizer=...)", UserWarning, stacklevel=2)
     directory = check_target(directory, _source_paths(record), force)
     with atomic_directory(directory) as tmp:
         save_model(model, str(tmp / WEIGHTS))
@@ -85,12 +100,13 @@ def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, force: 
             "weights": {"file": WEIGHTS, "sha256": sha256(tmp / WEIGHTS), "bytes": (tmp / WEIGHTS).stat().st_size},
         }
         with open(tmp / META, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2, sort_keys=True, default=str)
+            json.dump(stamped(meta), f, indent=2, sort_keys=True)
     return directory
 
 
 def read_meta(directory: str | os.PathLike) -> dict:
-    """The ``zquant.json`` of a checkpoint directory, its header checked (the record is checked by `read_record`)."""
+    """The ``zquant.json`` of a checkpoint directory: its header fields' types, its record and its
+    checksum checked (in that order, so a malformed field is named before the checksum is)."""
     directory = Path(directory)
     meta_path = directory / META
     if not directory.is_dir():
@@ -103,55 +119,74 @@ def read_meta(directory: str | os.PathLike) -> dict:
         raise CheckpointError(f"{meta_path}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path}: not a zquant checkpoint description")
+    if meta.get("format_version") == 1:
+        raise CheckpointError(f"{meta_path}: format version 1, written before checkpoints were checksummed and "
+                              "their tensors checked against the scheme; re-quantize the source model")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{meta_path}: format version {meta.get('format_version')!r}; "
                               f"this zquant reads version {FORMAT_VERSION}")
     for key in ("scheme", "adapter", "model_class", "source_config", "weights"):
         if key not in meta:
             raise CheckpointError(f"{meta_path}: missing field {key!r}")
+    check_fields(meta, meta_path)
+    _record(meta, meta_path)
+    verify_checksum(meta, meta_path)
     return meta
+
+
+def _record(meta: dict, meta_path: Path) -> QuantRecord:
+    try:
+        return QuantRecord.from_dict({k: v for k, v in meta.items() if k not in _HEADER_KEYS})
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{meta_path}: bad record: {e}") from None
 
 
 def read_record(directory: str | os.PathLike, meta: dict | None = None) -> QuantRecord:
     """The validated quantization record of a checkpoint directory."""
     meta = meta if meta is not None else read_meta(directory)
-    try:
-        return QuantRecord.from_dict({k: v for k, v in meta.items() if k not in _HEADER_KEYS})
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{Path(directory) / META}: bad record: {e}") from None
+    return _record(meta, Path(directory) / META)
 
 
 def _weights_file(directory: Path, meta: dict) -> Path:
+    """The weights file ``zquant.json`` names (a plain name, checked by `read_meta`), its size and SHA-256 checked."""
     info = meta["weights"]
-    name = info.get("file", WEIGHTS) if isinstance(info, dict) else None
-    if not isinstance(name, str) or not name or name != Path(name).name or name in (".", ".."):
-        raise CheckpointError(f"{directory / META}: weights.file must be a plain file name inside the checkpoint, "
-                              f"got {name!r}")
-    weights = directory / name
+    weights = directory / info["file"]
     if weights.is_symlink() and not weights.resolve().is_relative_to(directory.resolve()):
         raise CheckpointError(f"{weights}: a symbolic link that leaves the checkpoint directory")
     if not weights.is_file():
         raise CheckpointError(f"{directory}: weights file {weights.name} is missing")
-    if weights.stat().st_size != meta["weights"].get("bytes"):
-        raise CheckpointError(f"{weights}: {weights.stat().st_size} bytes, expected {meta['weights'].get('bytes')} "
+    if weights.stat().st_size != info["bytes"]:
+        raise CheckpointError(f"{weights}: {weights.stat().st_size} bytes, expected {info['bytes']} "
                               "(truncated or replaced)")
-    if sha256(weights) != meta["weights"].get("sha256"):
+    if sha256(weights) != info["sha256"]:
         raise CheckpointError(f"{weights}: SHA-256 does not match {META} (corrupted or modified)")
     return weights
 
 
 def load(directory: str | os.PathLike) -> nn.Module:
-    """Rebuild a quantized model (eval mode, CPU, runtime not prepared) from a checkpoint directory alone."""
+    """Rebuild a quantized model (eval mode, CPU, runtime not prepared) from a checkpoint directory alone.
+
+    Nothing the record claims is allocated before it is checked: the skeleton is built on the meta
+    device after the recorded layer count is compared with the file's blocks, and compared tensor
+    by tensor with the safetensors header before the file's tensors are read."""
     directory = Path(directory)
     meta = read_meta(directory)
     weights = _weights_file(directory, meta)
     record = read_record(directory, meta)
-    model = build_skeleton(meta)
+    header = read_header(weights)
+    config = recorded_config(meta)
+    check_block_count(config, header, weights)
+    model = build_skeleton(model_class(meta, config), config, budget=16 * len(header) + 4096)
     plan = make_plan(model, record.scheme)
     if plan.adapter.name != record.adapter:
         raise CheckpointError(f"{directory / META}: records adapter {record.adapter!r}, but this zquant maps the "
                               f"model to {plan.adapter.name!r}")
-    empty_layers(model, plan)
+    with torch.device("meta"):
+        empty_layers(model, plan)
+    check_tensors(model, header, weights)
+    check_buffer_budget(model, weights)
     assign_weights(model, weights)
+    materialize_buffers(model)
+    check_scales(model, weights)
     mark_quantized(model, plan, record)
     return model.eval()
