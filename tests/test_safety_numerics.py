@@ -1,0 +1,220 @@
+"""Non-finite numbers and edge inputs (issue: trustworthy by default).
+
+* NaN / Inf weights are refused with the layer's name, before any slow work.
+* A token whose activations hold a NaN or an infinity gets token scale NaN, so a quantized linear
+  layer's output row for it is NaN, as a floating-point layer's would be: the quantized model then
+  propagates it as the floating-point model does, and both backends give the same numbers.
+  Tolerance between the backends: none, as in test_kernels_cpu.py (bit-identical, NaN where NaN).
+* Bad input to the CLI gets one line, never a traceback.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zquant
+from conftest import FAMILIES, make_tiny, sample_ids, tiny_tokenizer
+from zquant import kernels
+from zquant import primitives as P
+from zquant.cli import main
+from zquant.config import ActQuant, LayerQuant, WeightQuant
+from zquant.kernels import build, reference
+from zquant.modules import QuantLinear
+
+NAN, INF = math.nan, math.inf
+SYM, ASYM, STATIC = ActQuant(), ActQuant(symmetric=False), ActQuant(mode="static")
+ACTS = {"sym": SYM, "asym": ASYM, "static": STATIC}
+needs_cpu = pytest.mark.usefixtures("cpu_extension")
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Bit-identical, NaN where the other is NaN."""
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def one_line_error(capsys, *argv, progress: bool = False) -> str:
+    """Run the CLI; it must fail with exit 2, one line on stderr and nothing on stdout. With
+    ``progress``, transformers' GGUF conversion bar (which ignores its progress-bar switch) may
+    come before that line."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    if progress:
+        err = err[err.find("zquant: error: "):]
+    assert code == 2 and err.count("\n") == 1 and err.startswith("zquant: error: ") and out == "", (out, err)
+    return err
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite activations: primitives and the reference path
+# ---------------------------------------------------------------------------------------------
+
+def poisoned(m: int, k: int, dtype=torch.float32, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x [m, k], bad [m] bool): rows with a NaN in the first / last 16-value vector or the tail,
+    +inf, -inf, an all-NaN row, among finite rows (one all zero, one large)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * 2
+    x[2], x[5] = 0.0, x[5] * 1e4
+    cells = [(1, 0, NAN), (3, k - 1, NAN), (4, max(0, k // 16 * 16 - 1), NAN), (6, k // 2, INF), (7, k // 3, -INF)]
+    for r, c, v in cells:
+        x[r, c] = v
+    x[8] = NAN
+    bad = torch.zeros(m, dtype=torch.bool)
+    bad[[1, 3, 4, 6, 7, 8]] = True
+    return x.to(dtype), bad
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_non_finite_tokens_get_a_nan_scale(symmetric):
+    x, bad = poisoned(11, 40)
+    q, scale, zero = P.quantize_per_token(x, symmetric)
+    assert torch.equal(scale.isnan(), bad) and (q[bad] == 0).all()
+    assert zero is None or (zero[bad] == 0).all()
+    q2, scale2, zero2 = P.quantize_per_token(x[~bad], symmetric)      # the finite tokens on their own
+    assert torch.equal(q[~bad], q2) and torch.equal(scale[~bad], scale2)
+    assert zero is None or torch.equal(zero[~bad], zero2)
+
+
+def test_an_asymmetric_range_wider_than_float32_is_not_finite():
+    x = torch.tensor([[3e38, -3e38, 1.0], [3e38, 1.0, 0.0]])         # hi - lo overflows in the first
+    scale = P.quantize_per_token(x, symmetric=False)[1]
+    assert scale[0].isnan() and scale[1].isfinite()
+
+
+def test_static_quantization_marks_non_finite_tokens():
+    x, bad = poisoned(11, 40)
+    q, token_scale = P.quantize_per_tensor(x, torch.tensor(0.02))
+    assert torch.equal(token_scale.isnan(), bad) and (q[bad] == 0).all() and (token_scale[~bad] == 0.02).all()
+
+
+def make_layer(k: int, n: int, bits: int, act: ActQuant, dtype=torch.float32, seed: int = 0) -> QuantLinear:
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(k, n).to(dtype)
+    return QuantLinear.from_float(lin, LayerQuant(WeightQuant(bits=bits, groups=7), act), act_absmax=torch.tensor(2.5))
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_reference_linear_gives_nan_rows_and_leaves_the_others(act):
+    layer = make_layer(40, 24, 8, ACTS[act])
+    x, bad = poisoned(11, 40)
+    y = reference.linear(layer, x)
+    assert torch.equal(y.isnan().all(dim=1), bad) and not y[~bad].isnan().any()
+    assert torch.equal(y[~bad], reference.linear(layer, x[~bad]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The C++ path: the same numbers as the reference, NaN rows included
+# ---------------------------------------------------------------------------------------------
+
+@needs_cpu
+@pytest.mark.parametrize("k", [1, 17, 576])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", ACTS)
+def test_cpu_quantize_equals_primitives_on_non_finite_rows(k, dtype, act):
+    from zquant.kernels import cpu
+    x, bad = poisoned(13, k, dtype)
+    spec = ACTS[act]
+    if act == "static":
+        (q, scale), zero = P.quantize_per_tensor(x, torch.tensor(0.02)), None
+    else:
+        q, scale, zero = P.quantize_per_token(x, spec.symmetric)
+    q2, scale2, zero2 = cpu.quantize(x, spec, 0.02).as_reference(k)
+    assert torch.equal(q, q2) and (zero is None or torch.equal(zero, zero2))
+    same(scale, scale2)
+    assert torch.equal(scale2.isnan(), bad)
+
+
+@needs_cpu
+@pytest.mark.parametrize("m,k,n", [(13, 17, 5), (13, 576, 40), (40, 576, 1536)])   # one thread / columns / rows
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_linear_equals_reference_on_non_finite_rows(m, k, n, bits, dtype):
+    from zquant.kernels import cpu
+    x, bad = poisoned(m, k, dtype)
+    for act in ACTS.values():
+        layer = make_layer(k, n, bits, act, dtype)
+        y = cpu.linear(layer, x)
+        same(y, reference.linear(layer, x))
+        assert torch.equal(y.isnan().all(dim=1), bad) and not y[~bad].isnan().any(), act
+
+
+@needs_cpu
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_fused_norm_propagates_and_quantizes_nan_rows(kind):
+    from zquant.kernels import cpu
+    x, bad = poisoned(13, 64)
+    w, b = torch.rand(64) + 0.5, (torch.randn(64) if kind == "layer" else None)
+    y = cpu.norm(x, w, b, 1e-5, kind, SYM)
+    h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+    same(y, w * h if kind == "rms" else F.layer_norm(x, (64,), w, b, 1e-5))
+    qa = getattr(y, cpu.ATTR)
+    q, scale, _ = P.quantize_per_token(y)
+    assert torch.equal(qa.as_reference(64)[0], q) and torch.equal(qa.scale.isnan(), bad)
+    same(qa.scale, scale)
+
+
+@needs_cpu
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_activation_epilogue_propagates_nan_rows(act):
+    from zquant.kernels import cpu
+    layer = make_layer(200, 48, 8, SYM)
+    x, bad = poisoned(13, 200)
+    y = cpu.linear_act(layer, x, act, ASYM)
+    expected = getattr(F, act)(reference.linear(layer, x))
+    same(y, expected)
+    qa = getattr(y, cpu.ATTR)
+    q, scale, zero = P.quantize_per_token(expected, symmetric=False)
+    assert torch.equal(qa.as_reference(48)[0], q) and torch.equal(qa.as_reference(48)[2], zero)
+    same(qa.scale, scale)
+
+
+@needs_cpu
+def test_gated_epilogue_propagates_nan_rows():
+    from zquant.kernels import cpu
+    gate, up = make_layer(64, 96, 4, SYM, seed=1), make_layer(64, 96, 4, SYM, seed=2)
+    x, bad = poisoned(13, 64)
+    y = cpu.gated(gate, up, x, "silu", SYM)
+    same(y, F.silu(reference.linear(gate, x)) * reference.linear(up, x))
+    assert torch.equal(y.isnan().all(dim=1), bad) and torch.equal(getattr(y, cpu.ATTR).scale.isnan(), bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole models: a NaN / Inf / overflowing token spreads as in floating point, the same on both paths
+# ---------------------------------------------------------------------------------------------
+
+def _poison(model, value: float):
+    """Set the hidden state entering block 0 of token 5 of sequence 0 to ``value`` (its embedding)."""
+    def hook(_module, _args, out):
+        out = out.clone()
+        out[0, 5] = value
+        return out
+    return model.get_input_embeddings().register_forward_hook(hook)
+
+
+def _outputs(model, ids):
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state      # [B, T, V or H]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("value", [NAN, INF, 1e38])
+def test_quantized_models_propagate_non_finite_tokens_like_floating_point(family, value):
+    ids = sample_ids(seq=12)
+    model = make_tiny(family)
+    _poison(model, value)
+    fp = _outputs(model, ids)
+    zquant.quantize(model, "w8a8")
+    with kernels.use_backend("reference"):
+        ref = _outputs(model, ids)
+    nan_tokens = fp.isnan().any(dim=-1)                                # [B, T]
+    assert torch.equal(ref.isnan().any(dim=-1), nan_tokens)
+    assert not nan_tokens[1].any()                                     # the other sequence is untouched
+    if value != 1e38:
+        assert nan_tokens[0, 5:].all()                                 # attention spreads it, as in fp
+    if build.unsupported_reason() is None and build.load() is None:
+        fast = _outputs(model, ids)                                    # the fused C++ path
+        same(fast, ref)
