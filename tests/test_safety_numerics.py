@@ -49,6 +49,51 @@ def one_line_error(capsys, *argv, progress: bool = False) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# NaN / Inf weights
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,layer", [("llama", "model.layers.1.mlp.down_proj"),
+                                          ("gpt2", "transformer.h.0.attn.c_attn")])   # Conv1D: [K, N]
+@pytest.mark.parametrize("value", [NAN, INF, -INF])
+def test_non_finite_weights_are_refused_before_any_work(family, layer, value, monkeypatch):
+    model = make_tiny(family)
+    with torch.no_grad():
+        model.get_submodule(layer).weight[3, 5] = value
+
+    def no_pipeline(*args, **kwargs):
+        raise AssertionError("the pipeline ran before the weights were checked")
+    monkeypatch.setattr(zquant.api, "Pipeline", no_pipeline)
+    with pytest.raises(ValueError, match=rf"layer {layer}: 1 of \d+ weights are (NaN|infinite)"):
+        zquant.quantize(model, "w8a8-static", calibration=[{"input_ids": sample_ids()}])
+
+
+def test_non_finite_weights_are_one_line_from_the_cli(tiny_model_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    weights = load_file(tiny_model_dir / "model.safetensors")
+    weights["model.layers.0.self_attn.q_proj.weight"][0, 0] = NAN
+    save_file(weights, tiny_model_dir / "model.safetensors", metadata={"format": "pt"})
+    err = one_line_error(capsys, "quantize", tiny_model_dir, "--scheme", "w8a8", "--out", tmp_path / "q", "--quiet")
+    assert "model.layers.0.self_attn.q_proj" in err and "NaN" in err
+    assert not (tmp_path / "q").exists()
+
+
+def test_lkd_training_that_turns_nan_is_undone(monkeypatch):
+    from zquant.algorithms import lkd
+    from zquant.modules import FakeQuantLinear
+
+    def diverge(student, *args, **kwargs):             # what a training run that blew up leaves
+        with torch.no_grad():
+            next(m for m in student.modules() if isinstance(m, FakeQuantLinear)).weight.fill_(NAN)
+    monkeypatch.setattr(lkd, "train_block", diverge)
+    model = zquant.quantize(make_tiny("llama"), "w4/8a8", lkd=zquant.LKDConfig(
+        data="random", samples=2, seq_len=8, steps=1, batch_size=2), quiet=True)
+    blocks = model.zquant_info.steps["lkd"]["blocks"]
+    assert all(b["loss_after"] == b["loss_before"] for b in blocks)     # the untrained blocks were kept
+    assert all(torch.isfinite(m.wscale).all() for m in model.modules() if isinstance(m, QuantLinear))
+    assert torch.isfinite(model(input_ids=sample_ids()).logits).all()
+
+
+# ---------------------------------------------------------------------------------------------
 # Non-finite activations: primitives and the reference path
 # ---------------------------------------------------------------------------------------------
 
