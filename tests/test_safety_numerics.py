@@ -263,3 +263,101 @@ def test_quantized_models_propagate_non_finite_tokens_like_floating_point(family
     if build.unsupported_reason() is None and build.load() is None:
         fast = _outputs(model, ids)                                    # the fused C++ path
         same(fast, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# One line, never a traceback
+# ---------------------------------------------------------------------------------------------
+
+def _write_tiny_gguf(path):
+    """A tiny Llama as a GGUF file (float32 tensors, a byte-level BPE tokenizer) that transformers loads."""
+    gguf = pytest.importorskip("gguf")
+    model, tok = make_tiny("llama", vocab_size=300), tiny_tokenizer()
+    c = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, value in [(w.add_context_length, c.max_position_embeddings), (w.add_embedding_length, c.hidden_size),
+                       (w.add_block_count, c.num_hidden_layers), (w.add_feed_forward_length, c.intermediate_size),
+                       (w.add_head_count, c.num_attention_heads), (w.add_head_count_kv, c.num_key_value_heads),
+                       (w.add_layer_norm_rms_eps, c.rms_norm_eps), (w.add_vocab_size, c.vocab_size)]:
+        add(value)
+    bpe = json.loads(tok.backend_tokenizer.to_str())["model"]
+    tokens = [t for t, _ in sorted(bpe["vocab"].items(), key=lambda kv: kv[1])]
+    tokens += [f"[unused{i}]" for i in range(c.vocab_size - len(tokens))]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * len(tokens))
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in bpe["merges"]])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+    for name, t in model.state_dict().items():
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), t.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_truncated_gguf_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ZQUANT_CACHE", str(tmp_path / "cache"))
+    full = _write_tiny_gguf(tmp_path / "tiny.gguf")
+    assert isinstance(zquant.load(full), torch.nn.Module)               # the whole file loads
+    data = full.read_bytes()
+    for size in (len(data) - 1000, 2000, 10):                          # in the tensors, the metadata, the header
+        cut = tmp_path / f"cut-{size}.gguf"
+        cut.write_bytes(data[:size])
+        err = one_line_error(capsys, "eval", cut, "--quiet", progress=True)
+        assert str(cut) in err and "truncated" in err
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])                    # position tables of 128 rows
+def test_window_longer_than_absolute_positions_is_refused(family, tmp_path, capsys):
+    path = tmp_path / family
+    make_tiny(family, vocab_size=300).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    err = one_line_error(capsys, "eval", path, "--window", "129", "--max-tokens", "300", "--quiet")
+    assert "128 positions" in err and "--window 128" in err
+    for window in ("128", "1024"):                                     # 1024: the text is shorter than 128
+        assert main(["eval", str(path), "--window", window, "--max-tokens", "100" if window == "1024" else "300",
+                     "--quiet", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["tokens"] > 0
+
+
+def test_encoder_max_examples_that_leave_a_split_empty(tmp_path, capsys):
+    path = tmp_path / "bert"
+    make_tiny("bert", vocab_size=300).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    assert "at least 2" in one_line_error(capsys, "eval", path, "--max-examples", "1", "--quiet")
+    assert main(["eval", str(path), "--max-examples", "2", "--quiet", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["train_examples"] == 1 and result["test_examples"] == 1
+    from zquant import data
+    with pytest.raises(ValueError, match="at least 2"):
+        data.sentiment_split(data.sentiment_data(), 1)
+
+
+@pytest.mark.parametrize("changes", [{"model_type": "vit", "is_decoder": True},      # no causal-LM class
+                                     {"model_type": "no_such_type"}])                # unknown to transformers
+def test_unknown_architecture_is_one_short_line(tiny_model_dir, capsys, changes):
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    cfg.update(changes)
+    (tiny_model_dir / "config.json").write_text(json.dumps(cfg))
+    err = one_line_error(capsys, "eval", tiny_model_dir, "--quiet")
+    assert len(err) < 300 and changes["model_type"] in err and "supported families: bert, gpt2" in err
+
+
+def test_generic_fallback_error_names_families_not_model_types():
+    from zquant.models import UnsupportedModelError
+    message = str(UnsupportedModelError("foo"))
+    assert len(message) < 300 and "llama" in message and "qwen2" not in message
+
+
+@pytest.mark.parametrize("command", [["eval"], ["compare", "--schemes", "w8a8"]])
+def test_json_with_a_non_finite_result_is_one_line_and_no_output(tmp_path, capsys, command):
+    model = make_tiny("llama", vocab_size=300)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(NAN)                                # float head: quantization keeps it
+    model.save_pretrained(tmp_path / "nan")
+    tiny_tokenizer().save_pretrained(tmp_path / "nan")
+    err = one_line_error(capsys, *command, tmp_path / "nan", "--json", "--quiet", "--max-tokens", "64",
+                         "--window", "32")
+    assert "not finite" in err
