@@ -131,7 +131,7 @@ def test_an_asymmetric_range_wider_than_float32_is_not_finite():
 
 def test_static_quantization_marks_non_finite_tokens():
     x, bad = poisoned(11, 40)
-    q, token_scale = P.quantize_per_tensor(x, torch.tensor(0.02))
+    q, token_scale = P.quantize_per_tensor(x, torch.tensor(0.02)), P.static_token_scales(x, torch.tensor(0.02))
     assert torch.equal(token_scale.isnan(), bad) and (q[bad] == 0).all() and (token_scale[~bad] == 0.02).all()
 
 
@@ -163,7 +163,8 @@ def test_cpu_quantize_equals_primitives_on_non_finite_rows(k, dtype, act):
     x, bad = poisoned(13, k, dtype)
     spec = ACTS[act]
     if act == "static":
-        (q, scale), zero = P.quantize_per_tensor(x, torch.tensor(0.02)), None
+        s = torch.tensor(0.02)
+        q, scale, zero = P.quantize_per_tensor(x, s), P.static_token_scales(x, s), None
     else:
         q, scale, zero = P.quantize_per_token(x, spec.symmetric)
     q2, scale2, zero2 = cpu.quantize(x, spec, 0.02).as_reference(k)

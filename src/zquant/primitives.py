@@ -135,17 +135,24 @@ def quantize_per_token(x: Tensor, symmetric: bool = True) -> tuple[Tensor, Tenso
     return q, scale, zero.to(torch.int32)
 
 
-def quantize_per_tensor(x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-    """Static symmetric INT8 quantization of ``x`` [M, K] with one calibrated ``scale`` (0-d float).
-
-    Returns ``(q int8 [M, K], token scale float32 [M])``: ``scale`` for every token but one with a
-    NaN or an infinity, which gets NaN and ``q`` 0 (see the module docstring).
-    """
+def quantize_per_tensor(x: Tensor, scale: Tensor) -> Tensor:
+    """Static symmetric INT8 quantization of ``x`` [..., K] with one calibrated ``scale`` (0-d float).
+    A token (a row along K) with a NaN or an infinity gets ``q`` 0 and, from `static_token_scales`,
+    token scale NaN (see the module docstring)."""
     xf = x.float()
-    finite = xf.abs().amax(dim=1).isfinite()                          # [M]
-    q = _to_int8(torch.round(xf / scale).clamp_(-127, 127).masked_fill_(~finite[:, None], 0))
-    token_scale = torch.where(finite, scale.float(), torch.full_like(finite, math.nan, dtype=torch.float32))
-    return q, token_scale
+    q = torch.round(xf / scale).clamp_(-127, 127).masked_fill_(~_finite_tokens(xf)[..., None], 0)
+    return _to_int8(q)
+
+
+def static_token_scales(x: Tensor, scale: Tensor) -> Tensor:
+    """The token scales float32 [...] of `quantize_per_tensor` for ``x`` [..., K]: ``scale``, NaN for a
+    token with a NaN or an infinity (its linear output is then NaN, as in floating point)."""
+    finite = _finite_tokens(x.float())
+    return torch.where(finite, scale.float(), torch.full_like(finite, math.nan, dtype=torch.float32))
+
+
+def _finite_tokens(xf: Tensor) -> Tensor:
+    return xf.abs().amax(dim=-1).isfinite()           # amax propagates NaN; an infinity stays infinite
 
 
 def static_scale(absmax: Tensor) -> Tensor:

@@ -33,7 +33,7 @@ def quantize_input(module, x2: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     act = module.act_spec
     if act.mode == "dynamic":
         return P.quantize_per_token(x2, act.symmetric)
-    return (*P.quantize_per_tensor(x2, module.act_scale), None)
+    return P.quantize_per_tensor(x2, module.act_scale), P.static_token_scales(x2, module.act_scale), None
 
 
 def _int_linear(module, q: Tensor, scale: Tensor, zero: Tensor | None) -> Tensor:
