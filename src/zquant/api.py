@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from . import checkpoint, formats, sources
 from .algorithms import LKD, StaticRanges
 from .config import ConfigError, LKDConfig, QuantConfig, get_scheme
-from .convert import mark_quantized
+from .convert import check_finite, mark_quantized
 from .data import DEFAULT_CALIB_TEXT, sample_batches
 from .fusion import prepare_runtime
 from .pipeline import Algorithm, Pipeline
@@ -90,6 +90,7 @@ def quantize(model: nn.Module, scheme: str | QuantConfig, calibration: Iterable[
     config = get_scheme(scheme)
     refuse_quantized(model)
     plan = make_plan(model, config)
+    check_finite(model, plan.quantized())      # NaN / Inf weights: refused before calibration or LKD
     _warn_unmatched(plan)
     calibration = list(calibration) if calibration is not None else None
     steps = _algorithms(plan, config, calibration, tokenizer, calib_text, lkd)

@@ -177,9 +177,10 @@ def _json(data) -> str:
 
 
 def _eval_opts(args):
-    from .data import DEFAULT_EVAL_TEXT
-    if args.max_examples is not None and args.max_examples < 1:
-        raise ValueError(f"--max-examples must be at least 1, got {args.max_examples}")
+    from .data import DEFAULT_EVAL_TEXT, MIN_SENTIMENT_EXAMPLES
+    if args.max_examples is not None and args.max_examples < MIN_SENTIMENT_EXAMPLES:
+        raise ValueError(f"--max-examples must be at least {MIN_SENTIMENT_EXAMPLES} (a train and a test example), "
+                         f"got {args.max_examples}")
     from .eval import EvalOptions
     return EvalOptions(text=args.ppl or DEFAULT_EVAL_TEXT, max_tokens=args.max_tokens or None, window=args.window,
                        max_examples=args.max_examples, quiet=args.quiet)

@@ -2,15 +2,18 @@
 
 `convert_layers` quantizes float layers in place (what round-to-nearest is); `empty_layers` swaps
 in uninitialised `QuantLinear`s of the right shapes for a checkpoint's tensors to fill;
-`set_submodule` is the one module-swap primitive every step uses.
+`set_submodule` is the one module-swap primitive every step uses. `check_finite` refuses a float
+weight with NaN or infinite values, naming the layer: its quantized group would be all NaN (see
+`zquant.primitives`), a broken model better reported than converted.
 """
 from __future__ import annotations
 
 from typing import Iterable, Mapping
 
+import torch
 from torch import Tensor, nn
 
-from .modules import QuantLinear, linear_features
+from .modules import QuantLinear, float_weight, linear_features
 from .plan import LayerPlan, PLAN_ATTR, Plan
 from .record import RECORD_ATTR, QuantRecord
 
@@ -21,15 +24,38 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+class NonFiniteWeightError(ValueError):
+    """A layer to be quantized has NaN or infinite weights; the message names the layer."""
+
+
+def require_finite(name: str, module: nn.Module) -> None:
+    """Refuse the float layer ``module`` (called ``name``) if its weight holds a NaN or an infinity."""
+    weight = float_weight(module)[0].detach()
+    finite = torch.isfinite(weight)
+    if not bool(finite.all()):
+        bad = weight[~finite]
+        kinds = " and ".join(k for k, n in (("NaN", int(bad.isnan().sum())), ("infinite", int(bad.isinf().sum()))) if n)
+        raise NonFiniteWeightError(f"layer {name}: {bad.numel()} of {weight.numel()} weights are {kinds}; "
+                                   "zquant does not quantize non-finite weights (fix or retrain the model)")
+
+
+def check_finite(model: nn.Module, layers: Iterable[LayerPlan]) -> None:
+    """`require_finite` for every planned layer of ``model`` (one pass over their weights, before slow work)."""
+    for t in layers:
+        require_finite(t.name, model.get_submodule(t.name))
+
+
 def convert_layers(root: nn.Module, layers: Iterable[LayerPlan], absmax: Mapping[str, Tensor] | None = None,
                    relative: bool = False) -> nn.Module:
     """Replace each planned float layer of ``root`` by a `QuantLinear` of it; ``absmax`` holds the
     calibrated input ranges of static layers by qualified name. With ``relative``, ``root`` is one
-    block and the layers are found by their names inside it."""
+    block and the layers are found by their names inside it. A non-finite weight is refused."""
     absmax = absmax or {}
     for t in layers:
         name = t.relative if relative else t.name
-        set_submodule(root, name, QuantLinear.from_float(root.get_submodule(name), t.spec, absmax.get(t.name)))
+        module = root.get_submodule(name)
+        require_finite(t.name, module)
+        set_submodule(root, name, QuantLinear.from_float(module, t.spec, absmax.get(t.name)))
     return root
 
 

@@ -95,6 +95,7 @@ def sample_batches(tokenizer, source: str = DEFAULT_CALIB_TEXT, count: int = 16,
 SENTIMENT_LABELS = {"rotten": 0, "fresh": 1}
 SENTIMENT_SPLIT_SEED = 1234
 SENTIMENT_TEST_FRACTION = 0.2
+MIN_SENTIMENT_EXAMPLES = 2        # one to train the probe on, one to test it on
 
 
 def sentiment_data(path: str | None = None) -> list[tuple[str, int]]:
@@ -119,5 +120,8 @@ def sentiment_split(data: list[tuple[str, int]], max_examples: int | None = None
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(SENTIMENT_SPLIT_SEED)).tolist()
     if max_examples is not None:
         order = order[:max_examples]
+    if len(order) < MIN_SENTIMENT_EXAMPLES:
+        raise ValueError(f"{len(order)} sentiment example(s) cannot be split into train and test: use at least "
+                         f"{MIN_SENTIMENT_EXAMPLES} (--max-examples)")
     n_test = max(1, int(round(len(order) * SENTIMENT_TEST_FRACTION)))
     return [data[i] for i in order[:-n_test]], [data[i] for i in order[-n_test:]]

@@ -7,6 +7,9 @@ No modules, no device moves, no printing. Conventions used everywhere in zquant:
 * Rounding is round-half-to-even (``torch.round``), the same as ``rintf`` in the C++ kernels.
 * A group whose values are all zero gets scale 1.0 (its integers are all zero anyway), so no
   division by zero ever happens.
+* A group or token with a NaN or an infinity (or an asymmetric range wider than float32) gets
+  scale NaN and integers 0: it dequantizes to NaN, as floating point would propagate it, instead
+  of to finite numbers. The C++ kernels do the same (csrc/zquant_cpu.cpp, ``nonfinite_row``).
 * Weights are ``[N, K]`` (output rows x input columns), activations ``[M, K]`` (tokens x features).
 """
 from __future__ import annotations
@@ -24,9 +27,20 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+def _scale(span: Tensor, levels: float) -> Tensor:
+    """``span / levels`` (span: an absmax or a range); 1.0 where it is 0, NaN where it is not finite."""
+    span = span.float()
+    scale = torch.where(span > 0, span / levels, torch.ones_like(span))
+    return torch.where(span.isfinite(), scale, torch.full_like(span, math.nan))
+
+
 def _safe_scale(absmax: Tensor, bits: int) -> Tensor:
-    absmax = absmax.float()
-    return torch.where(absmax > 0, absmax / qmax(bits), torch.ones_like(absmax))
+    return _scale(absmax, qmax(bits))
+
+
+def _to_int8(q: Tensor) -> Tensor:
+    """Rounded, clamped float integers -> int8, with the NaNs of a non-finite group or token as 0."""
+    return q.nan_to_num_(0.0).to(torch.int8)
 
 
 def rows_per_group(n_rows: int, groups: int) -> int:
@@ -88,8 +102,7 @@ def expand_weight_scales(scales: Tensor, shape: tuple[int, int], spec: WeightQua
 def quantize_weight(w: Tensor, scales: Tensor, spec: WeightQuant) -> Tensor:
     """Integer weight [N, K] int8 (values in ``[-qmax, qmax]``) for the given scales."""
     s = expand_weight_scales(scales, tuple(w.shape), spec)
-    q = torch.round(w.detach().float() / s).clamp_(-qmax(spec.bits), qmax(spec.bits))
-    return q.to(torch.int8)
+    return _to_int8(torch.round(w.detach().float() / s).clamp_(-qmax(spec.bits), qmax(spec.bits)))
 
 
 def dequantize_weight(q: Tensor, scales: Tensor, spec: WeightQuant) -> Tensor:
@@ -106,25 +119,40 @@ def quantize_per_token(x: Tensor, symmetric: bool = True) -> tuple[Tensor, Tenso
 
     Returns ``(q int8 [M, K], scale float32 [M], zero_point int32 [M] or None)`` with
     ``x ~= (q - zero_point) * scale``. Symmetric: ``scale = absmax / 127``, ``q`` in [-127, 127].
-    Asymmetric: the token's range, widened to include 0, maps onto [-128, 127].
+    Asymmetric: the token's range, widened to include 0, maps onto [-128, 127]. A token with a NaN
+    or an infinity gets scale NaN, ``q`` 0 and zero point 0, so a linear layer's output for it is NaN.
     """
     xf = x.float()
     if symmetric:
-        scale = _safe_scale(xf.abs().amax(dim=1), 8)
-        q = torch.round(xf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        scale = _safe_scale(xf.abs().amax(dim=1), 8)               # amax propagates NaN
+        q = _to_int8(torch.round(xf / scale[:, None]).clamp_(-127, 127))
         return q, scale, None
     lo = xf.amin(dim=1).clamp(max=0.0)
     hi = xf.amax(dim=1).clamp(min=0.0)
-    span = hi - lo
-    scale = torch.where(span > 0, span / 255.0, torch.ones_like(span))
-    zero = (-128 - torch.round(lo / scale)).clamp_(-128, 127)
-    q = (torch.round(xf / scale[:, None]) + zero[:, None]).clamp_(-128, 127).to(torch.int8)
+    scale = _scale(hi - lo, 255.0)                  # an overflowing range (hi - lo = inf) is not finite either
+    zero = (-128 - torch.round(lo / scale)).clamp_(-128, 127).nan_to_num_(0.0)
+    q = _to_int8((torch.round(xf / scale[:, None]) + zero[:, None]).clamp_(-128, 127))
     return q, scale, zero.to(torch.int32)
 
 
 def quantize_per_tensor(x: Tensor, scale: Tensor) -> Tensor:
-    """Static symmetric INT8 quantization of ``x`` with one calibrated ``scale`` (0-d float)."""
-    return torch.round(x.float() / scale).clamp_(-127, 127).to(torch.int8)
+    """Static symmetric INT8 quantization of ``x`` [..., K] with one calibrated ``scale`` (0-d float).
+    A token (a row along K) with a NaN or an infinity gets ``q`` 0 and, from `static_token_scales`,
+    token scale NaN (see the module docstring)."""
+    xf = x.float()
+    q = torch.round(xf / scale).clamp_(-127, 127).masked_fill_(~_finite_tokens(xf)[..., None], 0)
+    return _to_int8(q)
+
+
+def static_token_scales(x: Tensor, scale: Tensor) -> Tensor:
+    """The token scales float32 [...] of `quantize_per_tensor` for ``x`` [..., K]: ``scale``, NaN for a
+    token with a NaN or an infinity (its linear output is then NaN, as in floating point)."""
+    finite = _finite_tokens(x.float())
+    return torch.where(finite, scale.float(), torch.full_like(finite, math.nan, dtype=torch.float32))
+
+
+def _finite_tokens(xf: Tensor) -> Tensor:
+    return xf.abs().amax(dim=-1).isfinite()           # amax propagates NaN; an infinity stays infinite
 
 
 def static_scale(absmax: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .fsutil import atomic_directory, cache_root
-from .models import model_kind
+from .models import UnsupportedModelError, model_kind
 
 
 class ModelSourceError(ValueError):
@@ -96,9 +96,10 @@ def _load_gguf(path: Path) -> nn.Module:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                                     **NO_REMOTE)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **NO_REMOTE)
+        model = _read_gguf(path, lambda: AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32, **NO_REMOTE))
+        tokenizer = _read_gguf(path, lambda: AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
+                                                                           **NO_REMOTE))
     # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
     # plain float tensors by now, so drop the marker before caching.
     model.hf_quantizer = None
@@ -112,6 +113,53 @@ def _load_gguf(path: Path) -> nn.Module:
     except OSError as e:  # a read-only home must not stop the run
         warnings.warn(f"zquant: could not cache the dequantized GGUF model at {cached}: {e}", RuntimeWarning)
     return model.eval()
+
+
+def _read_gguf(path: Path, load):
+    """``load()``, a transformers loader reading the GGUF file ``path``. If it fails and gguf's own
+    reader cannot parse the file either (truncated, corrupt: numpy and struct errors deep inside),
+    one line says so; any other failure is transformers' own."""
+    try:
+        return load()
+    except Exception:
+        reason = _gguf_unreadable(path)
+        if reason is None:
+            raise
+        raise ModelSourceError(f"{path}: not a readable GGUF file, truncated or corrupt "
+                               f"({path.stat().st_size} bytes; {reason})") from None
+
+
+def _gguf_unreadable(path: Path) -> str | None:
+    """Why gguf's reader cannot parse ``path`` (the first line of its error), or None if it can."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None
+    try:
+        GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 -- whatever gguf cannot parse is not a readable GGUF file
+        return (str(e).splitlines() or [type(e).__name__])[0][:120]
+    return None
+
+
+# transformers' errors for a model type it has no class for list every model type it knows (KBs).
+_UNRECOGNIZED = ("Unrecognized configuration class", "The checkpoint you are trying to load has model type")
+
+
+def _with_transformers(path: Path, load, reason: str):
+    """``load()``, with transformers' multi-kilobyte 'unrecognized model type' errors shortened to
+    zquant's one line: ``reason`` and the supported families."""
+    try:
+        return load()
+    except ValueError as e:
+        if not str(e).startswith(_UNRECOGNIZED):
+            raise
+        import json
+        try:
+            model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type", "?")
+        except (OSError, ValueError, AttributeError):
+            model_type = "?"
+        raise UnsupportedModelError(model_type, reason) from None
 
 
 # What every transformers loader is given: never code from a model directory, never a hub.
@@ -139,7 +187,8 @@ def _config(path: Path):
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
     try:
-        return AutoConfig.from_pretrained(path, **NO_REMOTE)
+        return _with_transformers(path, lambda: AutoConfig.from_pretrained(path, **NO_REMOTE),
+                                  "transformers does not know this model type")
     except StrictDataclassError as e:
         raise ModelSourceError(f"{path / 'config.json'}: {e.__cause__ or e}") from None
 
@@ -155,7 +204,9 @@ def _load_hf_dir(path: Path) -> nn.Module:
     cls = model_class_for(config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = cls.from_pretrained(path, dtype=torch.float32, use_safetensors=True, **NO_REMOTE)
+        model = _with_transformers(path, lambda: cls.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
+                                                                     **NO_REMOTE),
+                                   f"transformers has no {cls.__name__} class for it")
     return model.eval()
 
 
@@ -177,7 +228,8 @@ def load_tokenizer(model: str | os.PathLike):
             return AutoTokenizer.from_pretrained(cached, **NO_REMOTE)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **NO_REMOTE)
+            return _read_gguf(path, lambda: AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
+                                                                          **NO_REMOTE))
     if (path / "zquant.json").exists():
         from .checkpoint import check_tokenizer_files
         check_tokenizer_files(path)

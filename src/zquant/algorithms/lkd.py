@@ -133,7 +133,7 @@ def distill_block(block: nn.Module, targets: Sequence[LayerPlan], absmax: dict[s
     """(quantized trained copy of ``block``, loss before, loss after, whether training was undone)
     for the block's float ``inputs`` and the float block's outputs ``teacher``.
 
-    If training ends with a higher loss than it started from (a rate too high for this block),
+    If training ends with a higher (or NaN) loss than it started from (a rate too high for this block),
     the untrained copy is kept, so LKD never makes a block worse on its distillation set. A block
     without quantized layers is copied as it is (its loss is 0).
     """
@@ -144,7 +144,7 @@ def distill_block(block: nn.Module, targets: Sequence[LayerPlan], absmax: dict[s
         initial = {name: t.detach().clone() for name, t in student.state_dict().items()}
         train_block(student, inputs, teacher, lkd, k)
         after = mean_loss(student, inputs, teacher, lkd.loss)
-        if after > before:
+        if not after <= before:          # also a NaN loss: training that diverged must not be quantized
             student.load_state_dict(initial)
             after, undone = before, True
     return finalize(student, targets), before, after, undone

@@ -18,6 +18,18 @@ from ..progress import Progress
 DEFAULT_WINDOW = 1024
 
 
+def position_limit(model: nn.Module) -> int | None:
+    """The most tokens ``model`` can take at once if it looks positions up in a table (GPT-2's
+    ``wpe``, OPT's learned positions: longer input is an IndexError), else None (rotary, ALiBi)."""
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tables = (m for m in model.modules() if isinstance(m, nn.Embedding) and m is not inputs)
+    return limit if any(m.num_embeddings >= limit for m in tables) else None
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: Tensor, window: int = DEFAULT_WINDOW, batch_size: int = 1,
                desc: str = "perplexity", quiet: bool = False) -> dict:
@@ -26,6 +38,10 @@ def perplexity(model: nn.Module, ids: Tensor, window: int = DEFAULT_WINDOW, batc
         raise ValueError("perplexity needs a 1-D sequence of at least 2 tokens")
     if window < 2:
         raise ValueError(f"window must be at least 2, got {window}")
+    limit = position_limit(model)
+    if limit is not None and min(window, ids.numel()) > limit:
+        raise ValueError(f"a window of {window} tokens exceeds the model's {limit} positions: use --window {limit} "
+                         "or less")
     chunks = [ids[i:i + window] for i in range(0, ids.numel(), window)]
     chunks = [c for c in chunks if c.numel() >= 2]
     total_nll, total_tokens = 0.0, 0

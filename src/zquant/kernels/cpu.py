@@ -14,7 +14,9 @@ and attach it (`zquant.kernels.activation`); the GEMM consumes an attached quant
 quantizing its input again.
 
 Numerics: bit-identical to the reference path, fused or not. Quantization divides by the scale and
-rounds half to even like ``torch.round``; the epilogue rounds like the reference's separate
+rounds half to even like ``torch.round``; a token with a NaN or an infinity gets scale NaN, so its
+output row is NaN in both paths (NaN propagates as in floating point; the finite check rides on
+the abs-max reduction and costs nothing measurable); the epilogue rounds like the reference's separate
 multiply and add; the fused RMSNorm sums in the order of torch's own reduction; the fused SiLU
 (gated MLPs) uses the exp torch's kernel uses, including its scalar tails; LayerNorm and the other
 activations are torch's own ops, run inside the fused op. This matters: INT8 rounding turns a

@@ -3,6 +3,10 @@
 It computes exactly what the integer pipeline computes: int8 activations x int8 weights
 accumulated in int32 (``torch._int_mm``), then the int32 result scaled by the token scale and the
 weight scale, plus the bias. It runs on any device and any shape, with no extension to build.
+
+A token with a NaN or an infinity gets token scale NaN (`zquant.primitives`), so its output row is
+NaN, as a floating-point layer's would be, and attention then spreads it as it does in floating
+point; the other tokens' rows are unaffected here.
 """
 from __future__ import annotations
 
@@ -25,11 +29,11 @@ def int_matmul(a: Tensor, b_t: Tensor) -> Tensor:
 
 
 def quantize_input(module, x2: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(q int8 [M, K], scale float32 [M] or 0-d, zero int32 [M] or None) for the layer's act mode."""
+    """(q int8 [M, K], token scale float32 [M], zero int32 [M] or None) for the layer's act mode."""
     act = module.act_spec
     if act.mode == "dynamic":
         return P.quantize_per_token(x2, act.symmetric)
-    return P.quantize_per_tensor(x2, module.act_scale), module.act_scale, None
+    return P.quantize_per_tensor(x2, module.act_scale), P.static_token_scales(x2, module.act_scale), None
 
 
 def _int_linear(module, q: Tensor, scale: Tensor, zero: Tensor | None) -> Tensor:
@@ -52,7 +56,7 @@ def _int_linear(module, q: Tensor, scale: Tensor, zero: Tensor | None) -> Tensor
             # sum_k (q - z) w = q.w - z * rowsum(w): the asymmetric zero-point correction.
             acc = acc - zero[:, None] * wq.sum(dim=1, dtype=torch.int32)[None, :]
         out = acc.float() * module.row_scale()[None, :]
-    return out * (scale[:, None] if scale.dim() else scale)
+    return out * scale[:, None]
 
 
 def linear(module, x: Tensor) -> Tensor:

@@ -189,11 +189,13 @@ def _generic_fusions(block: nn.Module, linears: list[str]) -> tuple[Fusion, ...]
 
 
 class UnsupportedModelError(ValueError):
-    def __init__(self, model_type: str):
+    """A model zquant cannot quantize; one short line naming the supported families (not every model type)."""
+
+    def __init__(self, model_type: str, reason: str = "no adapter and no repeated transformer blocks found"):
         families = sorted({a.name for a in REGISTRY.values()})
-        super().__init__(f"unsupported architecture {model_type!r}: no adapter and no repeated transformer "
-                         f"blocks found; supported families: {', '.join(families)} "
-                         f"(model types: {', '.join(sorted(REGISTRY))})")
+        super().__init__(f"unsupported architecture {model_type!r}: {reason}; supported families: "
+                         f"{', '.join(families)}, and other transformers decoders and encoders built of "
+                         "repeated blocks")
 
 
 def get_adapter(model: nn.Module) -> Adapter:

@@ -13,6 +13,8 @@
 //     torch.round(x / scale): a true division, no multiply-by-reciprocal shortcut.
 //   * the epilogue applies the float ops in the reference's order (acc * wscale, * xscale, + bias),
 //     compiled with -ffp-contract=off.
+//   * a row with a NaN or an infinity gets scale NaN and q = 0 (see nonfinite_row), so its output
+//     row is NaN, as in floating point; the other rows are unaffected.
 //
 // Packed weight layout (built in Python, zquant/kernels/cpu.py:pack): output rows are padded to a
 // multiple of 16 and grouped in "tiles" of 16 rows; K is padded to a multiple of 4. A tile is
@@ -33,6 +35,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace zq {
@@ -228,6 +231,26 @@ static inline __m512 silu16(__m512 x, __m512 e, __mmask16 scalar) {
 // Token-wise quantization of one row (the same arithmetic as primitives.quantize_per_token)
 // ------------------------------------------------------------------------------------------
 
+// Non-finite activations propagate as in floating point: a row with a NaN or an infinity (or,
+// asymmetric, a range wider than float32) gets scale NaN and q = 0 (u = 128, offset 128), as in
+// primitives.quantize_per_token, so its GEMM output row is NaN and the other rows are untouched.
+//
+// The check rides on the abs-max reduction: with the sign cleared, the unsigned order of float bits
+// is the float order, and every NaN and infinity lies at or above kNonFiniteBits, so one integer
+// max per vector yields the absmax and the check together. (_mm512_max_ps cannot: when either
+// operand is NaN it returns the second, so a NaN is dropped by the next step of the reduction.)
+constexpr uint32_t kNonFiniteBits = 0x7F800000u;
+
+static inline __m512i abs_bits(__m512 v) {
+  return _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7FFFFFFF));
+}
+
+static void nonfinite_row(uint8_t* u, int64_t Kp, float* scale_out, int32_t* off_out) {
+  std::memset(u, 128, Kp);
+  *scale_out = std::numeric_limits<float>::quiet_NaN();
+  *off_out = 128;
+}
+
 // Quantizes row x[0:K] (f32 or bf16) into u[0:Kp] (u = q + 128; padding = 128, i.e. q = 0).
 // MODE kSym / kAsym / kStatic (static_scale used). Writes the row's scale and offset.
 // Templated so that the hot loops carry no per-vector branches.
@@ -240,30 +263,39 @@ static void quantize_row_t(const void* x, int64_t K, int64_t Kp, float static_sc
   if constexpr (MODE == kStatic) {
     scale = static_scale;
   } else if constexpr (MODE == kSym) {
-    __m512 mx = _mm512_setzero_ps();
+    __m512i mx = _mm512_setzero_si512();
     for (int64_t i = 0; i < K; i += 16)
-      mx = _mm512_max_ps(mx, _mm512_abs_ps(load16(xb + i * es, BF16, tail_mask(K - i))));
-    const float absmax = _mm512_reduce_max_ps(mx);
+      mx = _mm512_max_epu32(mx, abs_bits(load16(xb + i * es, BF16, tail_mask(K - i))));
+    const uint32_t bits = _mm512_reduce_max_epu32(mx);
+    if (bits >= kNonFiniteBits) return nonfinite_row(u, Kp, scale_out, off_out);
+    float absmax;
+    std::memcpy(&absmax, &bits, 4);
     scale = absmax > 0.f ? absmax / 127.0f : 1.0f;
   } else {
     __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();   // starting at 0 = clamping the range to include 0
+    __m512i mx = _mm512_setzero_si512();                         // min / max drop NaNs: checked apart
     for (int64_t i = 0; i < K; i += 16) {
       const __m512 v = load16(xb + i * es, BF16, tail_mask(K - i));   // masked-out lanes read 0: harmless
       lo = _mm512_min_ps(lo, v);
       hi = _mm512_max_ps(hi, v);
+      mx = _mm512_max_epu32(mx, abs_bits(v));
     }
     const float l = _mm512_reduce_min_ps(lo), h = _mm512_reduce_max_ps(hi);
     const float span = h - l;
+    if (_mm512_reduce_max_epu32(mx) >= kNonFiniteBits || !(span <= std::numeric_limits<float>::max()))
+      return nonfinite_row(u, Kp, scale_out, off_out);
     scale = span > 0.f ? span / 255.0f : 1.0f;
     zero = std::min(127.f, std::max(-128.f, -128.f - std::nearbyint(l / scale)));
   }
   const __m512 vs = _mm512_set1_ps(scale), vz = _mm512_set1_ps(zero);
   const __m512 vlo = _mm512_set1_ps(MODE == kAsym ? -128.f : -127.f), vhi = _mm512_set1_ps(127.f);
   const __m512i v128 = _mm512_set1_epi32(128);
+  __m512i seen = _mm512_setzero_si512();   // static: the |x| bits seen, for the finite check
   // One 16-value step. A true division, not a multiplication by 1/s: round(x / s) then equals
   // torch.round(x / scale) exactly (a reciprocal can move a quotient across a .5 boundary), and
   // measured on Zen 5 the division is even cheaper than detecting those rare lanes.
   auto step = [&](__m512 xv) {
+    if constexpr (MODE == kStatic) seen = _mm512_max_epu32(seen, abs_bits(xv));
     __m512 q = _mm512_roundscale_ps(_mm512_div_ps(xv, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     if constexpr (MODE == kAsym) q = _mm512_add_ps(q, vz);
     // (symmetric: |x / s| <= 127 anyway, except when absmax / 127 underflows to 0, as in the reference)
@@ -279,6 +311,8 @@ static void quantize_row_t(const void* x, int64_t K, int64_t Kp, float static_sc
     _mm_mask_storeu_epi8(u + i, m, step(load16(xb + i * es, BF16, m)));
   }
   for (int64_t i = K; i < Kp; ++i) u[i] = 128;
+  if constexpr (MODE == kStatic)
+    if (_mm512_reduce_max_epu32(seen) >= kNonFiniteBits) return nonfinite_row(u, Kp, scale_out, off_out);
   *scale_out = scale;
   *off_out = 128 + (int32_t)zero;
 }
