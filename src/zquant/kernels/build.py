@@ -303,8 +303,8 @@ def _load_or_build(out: Path, lock_fd: int) -> str | None:
 
         def build():
             _clear_stale_torch_lock(out)
-            return cpp_extension.load(name=NAME, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
-                                      extra_ldflags=LDFLAGS, build_directory=str(out), is_python_module=True,
+            return cpp_extension.load(name=NAME, sources=[str(s) for s in SOURCES], extra_cflags=list(CFLAGS),  # copies: cpp_extension appends to them
+                                      extra_ldflags=list(LDFLAGS), build_directory=str(out), is_python_module=True,
                                       verbose=False)
 
         failure = _run_in_child(build, close_fds=(lock_fd,))
