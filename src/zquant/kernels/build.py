@@ -303,7 +303,8 @@ def _load_or_build(out: Path, lock_fd: int) -> str | None:
 
         def build():
             _clear_stale_torch_lock(out)
-            return cpp_extension.load(name=NAME, sources=[str(s) for s in SOURCES], extra_cflags=list(CFLAGS),  # copies: cpp_extension appends to them
+            # copies of the flag lists: cpp_extension appends to the ones it is given
+            return cpp_extension.load(name=NAME, sources=[str(s) for s in SOURCES], extra_cflags=list(CFLAGS),
                                       extra_ldflags=list(LDFLAGS), build_directory=str(out), is_python_module=True,
                                       verbose=False)
 
