@@ -17,9 +17,9 @@ engine's processes (for torch BF16 it includes the FP32 model it is cast from). 
 left-padded), so the prefill is not counted; TTFT is ``t(1 new)``. Prompts are random token ids, as
 llama-bench's are.
 
-Each round runs every engine once, in order, each in a fresh process (its peak RSS is its own); the table
-gives the median over rounds, and each ratio row the median of the per-round ratios (the machine is shared
-and noisy: ratios within one run are what count).
+Each round runs every engine once, in ``ENGINES`` order (each zquant engine next to its llama.cpp peer), each
+in a fresh process (its peak RSS is its own); the table gives the median over rounds, and each ratio row the
+median of the per-round ratios (the machine is shared and noisy: ratios within one run are what count).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -145,10 +146,13 @@ def measure_zquant(generate: GenerateFn, prefill: PrefillFn, s: Settings) -> dic
     out = {}
     out["decode_16"], ttft = decode(random_prompts(1, 16))
     out["agg_1"], out["ttft_16_ms"] = out["decode_16"], ttft * 1e3
+    log(f" decode_16 {out['decode_16']:.1f} tok/s, TTFT {ttft * 1e3:.1f} ms")
     out["decode_1024"] = decode(random_prompts(1, 1024, seed=1))[0]
     out["prefill_512"] = 512 / seconds(lambda: prefill(random_prompts(1, 512, seed=2)[0]))
+    log(f" decode_1024 {out['decode_1024']:.1f} tok/s, prefill_512 {out['prefill_512']:.0f} tok/s")
     for n in (4, 16):
         out[f"agg_{n}"] = decode(random_prompts(n, 16, seed=3))[0]
+        log(f" agg_{n} {out[f'agg_{n}']:.1f} tok/s")
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["foreign"] = max(foreign)
     return out
@@ -185,11 +189,13 @@ def _llama(fmt: str) -> Callable[[Settings], dict]:
     return run
 
 
+# In round order: each zquant engine next to the llama.cpp engine it is compared with.
 ENGINES: dict[str, Callable[[Settings], dict]] = {
-    **{f"llama.cpp-{fmt}": _llama(fmt) for fmt in llama_cpp.FORMATS},
-    "zquant-w8a8": _zquant("w8a8", fast=False), "zquant-w4/8a8": _zquant("w4/8a8", fast=False),
-    "torch-bf16": _zquant("bf16", fast=False),
-    "fast-w8a8": _zquant("w8a8", fast=True), "fast-w4/8a8": _zquant("w4/8a8", fast=True),
+    "llama.cpp-Q8_0": _llama("Q8_0"), "zquant-w8a8": _zquant("w8a8", fast=False),
+    "fast-w8a8": _zquant("w8a8", fast=True),
+    "llama.cpp-Q4_0": _llama("Q4_0"), "zquant-w4/8a8": _zquant("w4/8a8", fast=False),
+    "fast-w4/8a8": _zquant("w4/8a8", fast=True),
+    "llama.cpp-BF16": _llama("BF16"), "torch-bf16": _zquant("bf16", fast=False),
 }
 
 
@@ -232,7 +238,8 @@ def render(results: dict[str, list[dict]]) -> str:
         if a in results and b in results:
             row = ratio_row(results[a], results[b])
             lines.append(f"| {a} / {b} | " + " | ".join(f"{row[k]:.2f}x" if k in row else "-" for k in keys) + " |")
-    lines += ["", f"Medians over {max(len(r) for r in results.values())} rounds; ratio rows: median of the per-round "
+    n = max(len(r) for r in results.values())
+    lines += ["", f"Medians over {n} round{'s' if n > 1 else ''}; ratio rows: median of the per-round "
               "ratios (higher is better for tok/s, lower for TTFT and RSS). `*`: other processes used more than "
               f"{FOREIGN_LIMIT} cores during a measurement of that engine in at least one round."]
     return "\n".join(lines)
@@ -241,13 +248,18 @@ def render(results: dict[str, list[dict]]) -> str:
 def run_worker(name: str, s: Settings) -> dict:
     """Run engine ``name`` in a fresh process; returns its metrics, or {"skipped": reason}."""
     cmd = [sys.executable, __file__, "--worker", name, "--settings", json.dumps(dataclasses.asdict(s))]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    for line in proc.stderr.splitlines():           # the worker's notes and contention messages
-        if line.startswith("#"):
-            print(line, file=sys.stderr)
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
+    tail: list[str] = []
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True, env=env)
+        for line in proc.stderr:                    # the worker's notes, as they come
+            if line.startswith("#"):
+                print(f"#  {name}: {line[1:].strip()}", file=sys.stderr, flush=True)
+            tail = (tail + [line])[-40:]
+        if proc.wait() != 0:
+            raise SystemExit(f"{name} failed:\n{''.join(tail)}")
+        out.seek(0)
+        return json.loads(out.read().strip().splitlines()[-1])
 
 
 def worker(name: str, s: Settings) -> dict:

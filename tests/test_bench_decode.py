@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -97,3 +98,35 @@ def test_render_table_and_ratio_rows():
 def test_ratio_rows_name_registered_engines():
     for a, b in bench_decode.RATIOS:
         assert a in bench_decode.ENGINES and b in bench_decode.ENGINES
+
+
+class _Result:                      # the attributes issue 15's zquant.generate results carry
+    def __init__(self, token_ids, path="fast"):
+        self.token_ids, self.path = token_ids, path
+
+
+def test_fast_path_adapter_checks_results(monkeypatch):
+    import zquant
+    calls = []
+
+    def fake(model, tokenizer, prompts, max_new_tokens, ignore_eos):
+        calls.append((prompts, max_new_tokens, ignore_eos))
+        return [_Result([7] * max_new_tokens) for _ in prompts]
+    monkeypatch.setattr(zquant, "generate", fake, raising=False)
+    generate, prefill = bench_decode.fast_path("model", "tokenizer")
+    assert len(generate([[1, 2], [3]], 4)) == 2
+    prefill([1, 2, 3])
+    assert calls == [([[1, 2], [3]], 4, True), ([[1, 2, 3]], 1, True)]
+
+    monkeypatch.setattr(zquant, "generate", lambda *a, **k: [{"token_ids": [7, 7]}])      # dict results too
+    with pytest.raises(SystemExit, match="returned 2 tokens, asked for 3"):
+        generate([[1]], 3)
+    monkeypatch.setattr(zquant, "generate", lambda *a, **k: [_Result([7], path="general")])
+    with pytest.raises(SystemExit, match="'general' path"):
+        generate([[1]], 1)
+
+
+def test_fast_engine_skipped_without_zquant_generate(monkeypatch):
+    import zquant
+    monkeypatch.delattr(zquant, "generate", raising=False)
+    assert bench_decode.worker("fast-w8a8", bench_decode.Settings()) == {"skipped": "zquant has no generate() yet"}
