@@ -21,7 +21,7 @@ class ChatSession:
             raise ConfigError("chat needs a chat model: this tokenizer has no chat template")
         self.model, self.tokenizer = model, tokenizer
         self.opts = GenerationOptions(**{**options, "chat": False})
-        self.runner = runner_for(model, self.opts.path)
+        self.runner = runner_for(model, self.opts.path, shared=False)
         self.context = self.runner.context or 4096
         self.runner.reserve(1, self.context, self.opts.kv_cache)
         self.reset()

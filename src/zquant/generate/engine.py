@@ -21,6 +21,7 @@ from .options import GenerationOptions
 from .sampling import next_token
 
 _noted: set[str] = set()
+_RUNNER_ATTR = "_zquant_fast_runner"           # in the model's __dict__: not a submodule, never saved
 
 
 @dataclass
@@ -52,13 +53,21 @@ class GenerationResult:
                 "path": self.path}
 
 
-def runner_for(model: nn.Module, path: str = "auto"):
-    """The fast runner when the model allows it (``path="auto"`` notes once when it does not)."""
+def runner_for(model: nn.Module, path: str = "auto", shared: bool = True):
+    """The fast runner when the model allows it (``path="auto"`` notes once when it does not). A
+    model keeps one shared fast runner (packed layers, KV cache) between calls while its weights
+    are the same; ``shared=False`` gives a runner of one's own (a chat's cache must not be reused)."""
     if path == "general":
         return GeneralRunner(model)
+    kept = model.__dict__.get(_RUNNER_ATTR)
+    if shared and kept is not None and kept.current():
+        return kept
     reason = fast.unsupported_reason(model)
     if reason is None:
-        return fast.FastRunner(model)
+        runner = fast.FastRunner(model)
+        if shared:
+            model.__dict__[_RUNNER_ATTR] = runner
+        return runner
     if path == "fast":
         raise ConfigError(f"the fast decode path cannot run this model: {reason}")
     if reason not in _noted:

@@ -163,6 +163,17 @@ class FastRunner:
         self._head_w = None if self._head_module else _head_weight(head.weight)
         self._head_b = None if self._head_module or head.bias is None else head.bias.detach().float()
         self._head_op = kernels.runtime_op("head", "cpu")
+        self._built_from = self._weights_now()
+
+    def _weights_now(self) -> tuple:
+        plan = plan_of(self.model)
+        first = plan.blocks(self.model)[0].get_submodule(plan.adapter.decode.qkv[0])
+        return (self.model.get_submodule(plan.adapter.decode.embed).weight.data_ptr(), first.qweight.data_ptr(),
+                first.wscale.data_ptr(), kernels.runtime_op("decoder", "cpu") is not None)
+
+    def current(self) -> bool:
+        """Whether the model still has the weights (and backend) this runner was built from."""
+        return plan_of(self.model) is not None and self._weights_now() == self._built_from
 
     def reserve(self, slots: int, max_len: int, kv_cache: str = "fp") -> None:
         """A KV cache for ``slots`` sequences of up to ``max_len`` tokens each: float32 (``"fp"``) or

@@ -192,21 +192,24 @@ class Decoder {
 
   // Allocates the cache: per block, keys and values [slots, kv_heads, max_len, head_dim], float32,
   // or int8 with one float32 scale per token per head ([slots, kv_heads, max_len]).
+  // Uninitialised memory: a step only reads positions it (or an earlier step) wrote. A cache that
+  // is already as large, of the same kind, is kept.
   void reserve(int64_t slots, int64_t max_len, bool int8) {
     TORCH_CHECK(slots > 0 && max_len > 0, "Decoder.reserve: slots and max_len must be positive");
     TORCH_CHECK(!cos_.defined() || max_len <= cos_.size(0), "Decoder.reserve: max_len ", max_len,
                 " exceeds the RoPE table's ", cos_.size(0), " positions");
+    if (!keys_.empty() && slots <= slots_ && max_len <= max_len_ && int8 == int8_) return;
     keys_.clear();
     values_.clear();
     kscale_.clear();
     vscale_.clear();
     const auto dtype = int8 ? at::kChar : at::kFloat;
     for (size_t i = 0; i < blocks_.size(); ++i) {
-      keys_.push_back(at::zeros({slots, kv_heads_, max_len, d_}, dtype));
-      values_.push_back(at::zeros({slots, kv_heads_, max_len, d_}, dtype));
+      keys_.push_back(at::empty({slots, kv_heads_, max_len, d_}, dtype));
+      values_.push_back(at::empty({slots, kv_heads_, max_len, d_}, dtype));
       if (int8) {
-        kscale_.push_back(at::ones({slots, kv_heads_, max_len}, at::kFloat));
-        vscale_.push_back(at::ones({slots, kv_heads_, max_len}, at::kFloat));
+        kscale_.push_back(at::empty({slots, kv_heads_, max_len}, at::kFloat));
+        vscale_.push_back(at::empty({slots, kv_heads_, max_len}, at::kFloat));
       }
     }
     slots_ = slots;
