@@ -145,19 +145,34 @@ Tensor head_logits(const Tensor& x_in, const Tensor& w_in) {
   const float* xp = x.data_ptr<float>();
   const char* wp = static_cast<const char*>(w.data_ptr());
   float* op = out.data_ptr<float>();
-  constexpr int64_t kRows = 4;                    // weight rows per pass: 4 independent FMA chains
+  constexpr int64_t kRows = 4;                    // weight rows per pass
+  constexpr int64_t kMr = 4;                      // activation rows per pass: 4 x 4 accumulators
   at::parallel_for(0, (V + kRows - 1) / kRows, 16, [&](int64_t b0, int64_t b1) {
+    std::vector<float> wf(kRows * K);             // the pass's weight rows as float32, converted once
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t v0 = b * kRows, nv = std::min<int64_t>(kRows, V - v0);
-      for (int64_t m = 0; m < M; ++m) {
-        __m512 acc[kRows] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int64_t j = 0; j < nv; ++j)
         for (int64_t k = 0; k < K; k += 16) {
           const __mmask16 mk = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-          const __m512 xv = _mm512_maskz_loadu_ps(mk, xp + m * K + k);
-          for (int64_t j = 0; j < nv; ++j)
-            acc[j] = _mm512_fmadd_ps(xv, load_w16(wp + (v0 + j) * K * es, bf16, k, mk), acc[j]);
+          _mm512_mask_storeu_ps(wf.data() + j * K + k, mk, load_w16(wp + (v0 + j) * K * es, bf16, k, mk));
         }
-        for (int64_t j = 0; j < nv; ++j) op[m * V + v0 + j] = _mm512_reduce_add_ps(acc[j]);
+      for (int64_t m0 = 0; m0 < M; m0 += kMr) {
+        const int64_t nm = std::min<int64_t>(kMr, M - m0);
+        __m512 acc[kMr][kRows];
+        for (auto& row : acc)
+          for (auto& a : row) a = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) {
+          const __mmask16 mk = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+          __m512 wv[kRows];
+          for (int64_t j = 0; j < nv; ++j) wv[j] = _mm512_maskz_loadu_ps(mk, wf.data() + j * K + k);
+          for (int64_t i = 0; i < nm; ++i) {
+            const __m512 xv = _mm512_maskz_loadu_ps(mk, xp + (m0 + i) * K + k);
+            for (int64_t j = 0; j < nv; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+          }
+        }
+        // a logit's sum runs over k in the same order whatever M and the blocking: batch-invariant
+        for (int64_t i = 0; i < nm; ++i)
+          for (int64_t j = 0; j < nv; ++j) op[(m0 + i) * V + v0 + j] = _mm512_reduce_add_ps(acc[i][j]);
       }
     }
   });
