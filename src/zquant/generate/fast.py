@@ -156,10 +156,12 @@ class FastRunner:
         self.model = model
         self.context = model.config.max_position_embeddings
         self.decoder = kernels.runtime_op("decoder", "cpu")(decoder_spec(model))
-        self.embed = model.get_submodule(layout.embed).weight.detach()
+        self.embed_module = model.get_submodule(layout.embed)     # nn.Embedding, or an INT8 table
         self.positions = model.get_submodule(layout.positions).weight.detach() if layout.positions else None
         head = model.get_submodule(layout.head)
-        self._head_module = head if isinstance(head, QuantLinear) else None
+        # a float nn.Linear runs in the head kernel; a quantized head (a QuantLinear, or one that reads
+        # an INT8 embedding table) runs as it is, through the kernels' dispatch point (per row exact)
+        self._head_module = None if isinstance(head, nn.Linear) else head
         self._head_w = None if self._head_module else _head_weight(head.weight)
         self._head_b = None if self._head_module or head.bias is None else head.bias.detach().float()
         self._head_op = kernels.runtime_op("head", "cpu")
@@ -168,7 +170,8 @@ class FastRunner:
     def _weights_now(self) -> tuple:
         plan = plan_of(self.model)
         first = plan.blocks(self.model)[0].get_submodule(plan.adapter.decode.qkv[0])
-        return (self.model.get_submodule(plan.adapter.decode.embed).weight.data_ptr(), first.qweight.data_ptr(),
+        embed = self.model.get_submodule(plan.adapter.decode.embed)
+        return (*(t.data_ptr() for t in (*embed.parameters(), *embed.buffers())), first.qweight.data_ptr(),
                 first.wscale.data_ptr(), kernels.runtime_op("decoder", "cpu") is not None)
 
     def current(self) -> bool:
@@ -197,7 +200,7 @@ class FastRunner:
 
     def embed_tokens(self, ids: Tensor, seqs: list[tuple[int, int, list[int]]]) -> Tensor:
         """The step's input rows float32 [T, H]: token embeddings (+ absolute position embeddings)."""
-        x = F.embedding(ids, self.embed)
+        x = self.embed_module(ids).float()
         if self.positions is None:
             return x
         pos = torch.tensor([start + i for _, start, toks in seqs for i in range(len(toks))], dtype=torch.long)
