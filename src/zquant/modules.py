@@ -48,6 +48,8 @@ class QuantLinear(nn.Module):
       ``act_scale`` float32 0-d, the calibrated input scale (static activation mode only)
     """
 
+    scale_buffers = ("wscale", "act_scale")   # quantization scales stay float32 (see `zquant.float_parts`)
+
     def __init__(self, in_features: int, out_features: int, spec: LayerQuant, bias: bool = True,
                  dtype: torch.dtype = torch.float32):
         super().__init__()

@@ -17,11 +17,13 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..convert import empty_layers, mark_quantized
+from ..convert import empty_embeddings, empty_layers, mark_quantized
+from ..float_parts import float_part_names
 from ..fsutil import atomic_directory, sha256
 from ..plan import make_plan
 from ..record import QuantRecord, record_of
 from .errors import CheckpointError
+from .floats import save_weights, upcast_float_parts
 from .skeleton import assign_weights, build_skeleton
 
 FORMAT = "zquant"
@@ -45,13 +47,12 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path:
     """Write a quantized model (and optionally its tokenizer) to ``directory``, atomically."""
-    from safetensors.torch import save_model
     record = record_of(model)
     if record is None:
         raise ValueError("zquant.save expects a model quantized by zquant.quantize (it has no quantization record)")
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
-        save_model(model, str(tmp / WEIGHTS))
+        save_weights(model, tmp / WEIGHTS, record.scheme.float_dtype)   # float parts in the record's dtype
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         meta = {
@@ -132,6 +133,9 @@ def load(directory: str | os.PathLike) -> nn.Module:
         raise CheckpointError(f"{directory / META}: records adapter {record.adapter!r}, but this zquant maps the "
                               f"model to {plan.adapter.name!r}")
     empty_layers(model, plan)
+    empty_embeddings(model, plan)
+    floats = float_part_names(model)           # what the skeleton says is float, before the file's tensors
     assign_weights(model, weights)
+    upcast_float_parts(model, floats, record.scheme.float_dtype, weights)
     mark_quantized(model, plan, record)
     return model.eval()
