@@ -69,8 +69,10 @@ def test_a_record_without_the_field_means_float32():
 def test_round_trip_of_each_float_dtype(tmp_path, family, float_dtype, stored):
     fp = make_tiny(family)
     norm = next(n for n in fp.state_dict() if "norm" in n.lower() and n.endswith("weight"))
-    original = fp.state_dict()[norm].clone()
+    tensor = fp.state_dict(keep_vars=True)[norm]
+    original = tensor.detach().clone()
     model = zquant.quantize(fp, scheme(float_dtype=float_dtype))
+    assert torch.equal(tensor, original)                 # rounded copies replace it; it is not written
     # the in-memory model already holds the stored values (float32 tensors, compute stays float32)
     value = model.state_dict()[norm]
     assert value.dtype == torch.float32

@@ -43,19 +43,29 @@ def float_parts(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def round_float_parts(model: nn.Module, float_dtype: str) -> None:
-    """Round every float part of ``model`` in place to ``float_dtype`` (its dtype stays float32).
+    """Replace every float part of ``model`` by a copy rounded to ``float_dtype`` (its dtype stays
+    float32). The model's original tensors are not written (a caller may still hold them); tied
+    tensors get one shared copy. Refuses a float16 rounding that overflows, naming the tensor."""
+    dtype, names = DTYPES[float_dtype], float_part_names(model)
+    copies: dict[int, torch.Tensor] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for slots in (module._parameters, module._buffers):
+            for attr, t in slots.items():
+                name = f"{prefix}.{attr}" if prefix else attr
+                if name not in names or t.dtype == dtype:
+                    continue
+                if id(t) not in copies:
+                    copies[id(t)] = _rounded(name, t, dtype)
+                slots[attr] = copies[id(t)]
 
-    Refuses a float16 rounding that would turn a finite value into infinity, naming the tensor.
-    """
-    dtype = DTYPES[float_dtype]
-    for name, t in float_parts(model).items():
-        if t.dtype == dtype:
-            continue
-        rounded = t.to(dtype)
-        if dtype == torch.float16 and bool((rounded.isinf() & t.isfinite()).any()):
-            raise ConfigError(f"{name}: values up to {float(t.abs().max()):.4g} overflow float16 "
-                              "(largest 65504); use float_dtype bfloat16 or float32")
-        t.copy_(rounded)
+
+def _rounded(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    rounded = t.detach().to(dtype)
+    if dtype == torch.float16 and bool((rounded.isinf() & t.isfinite()).any()):
+        raise ConfigError(f"{name}: values up to {float(t.abs().max()):.4g} overflow float16 "
+                          "(largest 65504); use float_dtype bfloat16 or float32")
+    out = rounded.to(t.dtype)
+    return nn.Parameter(out, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else out
 
 
 def float_itemsize(model: nn.Module) -> int | None:
