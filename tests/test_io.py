@@ -151,7 +151,7 @@ def test_interrupted_save_leaves_previous_checkpoint(saved, monkeypatch):
 
     def crash(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(safetensors.torch, "save_model", crash)
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         zquant.save(model, path)
     assert (path / "model.safetensors").read_bytes() == before

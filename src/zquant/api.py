@@ -18,8 +18,9 @@ from torch import Tensor, nn
 from . import checkpoint, formats, sources
 from .algorithms import LKD, StaticRanges
 from .config import ConfigError, LKDConfig, QuantConfig, get_scheme
-from .convert import check_finite, mark_quantized
+from .convert import check_finite, convert_embeddings, mark_quantized
 from .data import DEFAULT_CALIB_TEXT, sample_batches
+from .float_parts import round_float_parts
 from .fusion import prepare_runtime
 from .pipeline import Algorithm, Pipeline
 from .plan import Plan, make_plan
@@ -86,6 +87,12 @@ def quantize(model: nn.Module, scheme: str | QuantConfig, calibration: Iterable[
     `zquant.algorithms.lkd`); text data needs the ``tokenizer``. ``lkd_resume`` is a directory
     where finished blocks are kept so an interrupted run can resume; ``quiet`` silences the
     per-block progress lines.
+
+    The parts that stay floating point (embeddings, norms, biases, float layers, an untied head)
+    are rounded to the scheme's ``float_dtype`` (default bfloat16), after calibration and LKD,
+    which see the float32 values; they stay float32 tensors, so compute is float32, and `save`
+    stores them in that dtype. With ``embeddings="int8"`` the embedding table becomes INT8 rows
+    (`zquant.embedding`), and a head tied to it runs from them as a W8A8 linear.
     """
     config = get_scheme(scheme)
     refuse_quantized(model)
@@ -95,6 +102,8 @@ def quantize(model: nn.Module, scheme: str | QuantConfig, calibration: Iterable[
     calibration = list(calibration) if calibration is not None else None
     steps = _algorithms(plan, config, calibration, tokenizer, calib_text, lkd)
     recorded = Pipeline(model, plan, steps, resume_dir=lkd_resume, quiet=quiet).run()
+    convert_embeddings(model, plan)             # INT8 table (and tied head) when the scheme asks
+    round_float_parts(model, config.float_dtype)   # the storage dtype is part of the numerics
     mark_quantized(model, plan, QuantRecord(config, plan.adapter.name, steps=recorded))
     prepare_runtime(model, plan)   # runtime-only module swaps for the fast path; the state dict is unchanged
     return model

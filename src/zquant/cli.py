@@ -25,6 +25,12 @@ def _add_scheme_options(p: argparse.ArgumentParser) -> None:
                    help="weight scale layout (default row_group, ZeroQuant's)")
     p.add_argument("--group-size", type=int, help="input-column group size for --granularity input_group")
     p.add_argument("--asymmetric", action="store_true", help="asymmetric token-wise activations")
+    p.add_argument("--float-dtype", metavar="DTYPE", default=None,
+                   help="dtype the floating-point parts (embeddings, norms, biases, float layers) are rounded to "
+                        "and stored in: float32, bfloat16 or float16 (default bfloat16; compute stays float32)")
+    p.add_argument("--embeddings", metavar="KIND", default=None,
+                   help="token embedding table: float (stored in --float-dtype, the default) or int8 (one scale "
+                        "per row; a head tied to the table runs from it as a W8A8 linear)")
     p.add_argument("--calib-text", default=None, help="calibration text for static schemes (default: technical)")
 
 
@@ -148,10 +154,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _storage(args) -> dict:
+    """The scheme fields --float-dtype and --embeddings set (validated here, so the error names the flag)."""
+    from .config import EMBEDDINGS, FLOAT_DTYPES, ConfigError
+    stored = {}
+    for flag, key, allowed in (("--float-dtype", "float_dtype", FLOAT_DTYPES), ("--embeddings", "embeddings",
+                                                                                 EMBEDDINGS)):
+        value = getattr(args, key, None)
+        if value is not None:
+            if value not in allowed:
+                raise ConfigError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+            stored[key] = value
+    return stored
+
+
 def _config(args, scheme: str):
     import dataclasses
     from .config import ConfigError, Override, get_scheme
     config = get_scheme(scheme)
+    stored = _storage(args)
     if args.group_size is not None and args.granularity != "input_group":
         raise ConfigError("--group-size applies only with --granularity input_group")
     changes = {}
@@ -165,7 +186,7 @@ def _config(args, scheme: str):
         changes["symmetric"] = False
     overrides = [Override(pattern="*", **changes)] if changes else []
     overrides += [Override.parse(o) for o in args.override]
-    return dataclasses.replace(config, overrides=config.overrides + tuple(overrides))
+    return dataclasses.replace(config, overrides=config.overrides + tuple(overrides), **stored)
 
 
 def _json(data) -> str:

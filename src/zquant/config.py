@@ -16,6 +16,10 @@ from typing import Any, Mapping
 GRANULARITIES = ("row_group", "row", "input_group")
 ACT_MODES = ("dynamic", "static", "none")
 ROLES = ("attention", "mlp")
+# Storage of the parts that stay floating point (embeddings, norms, biases, an untied head).
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+# The token embedding table: in the float dtype, or INT8 with one scale per row.
+EMBEDDINGS = ("float", "int8")
 
 
 class ConfigError(ValueError):
@@ -191,15 +195,27 @@ class Override:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """A complete scheme: one `LayerQuant` per role plus ordered overrides (later ones win)."""
+    """A complete scheme: one `LayerQuant` per role plus ordered overrides (later ones win), and
+    how the rest of the model is stored.
+
+    float_dtype: the dtype the floating-point parts (embeddings, norms, biases, float layers, an
+                 untied output head) are rounded to and stored in; compute stays float32.
+    embeddings:  ``float`` (the table is a float part) or ``int8`` (symmetric INT8, one scale per
+                 row; a head tied to the table then runs from it as a W8A8 linear).
+    """
 
     name: str
     attention: LayerQuant = LayerQuant()
     mlp: LayerQuant = LayerQuant()
     overrides: tuple[Override, ...] = field(default_factory=tuple)
+    float_dtype: str = "bfloat16"        # the paper keeps the non-quantized parts in 16-bit floats
+    embeddings: str = "float"
 
     def __post_init__(self):
         _check(isinstance(self.name, str) and self.name != "", "config.name must be a non-empty string")
+        _check(self.float_dtype in FLOAT_DTYPES,
+               f"config.float_dtype must be one of {FLOAT_DTYPES}, got {self.float_dtype!r}")
+        _check(self.embeddings in EMBEDDINGS, f"config.embeddings must be one of {EMBEDDINGS}, got {self.embeddings!r}")
         object.__setattr__(self, "overrides", tuple(self.overrides))
 
     def layer(self, name: str, role: str) -> LayerQuant:
@@ -222,7 +238,7 @@ class QuantConfig:
         if not isinstance(data, Mapping):
             raise ConfigError(f"config: expected an object, got {type(data).__name__}")
         data = dict(data)
-        allowed = ["attention", "mlp", "name", "overrides"]
+        allowed = ["attention", "embeddings", "float_dtype", "mlp", "name", "overrides"]
         unknown = sorted(set(data) - set(allowed))
         _check(not unknown, f"config: unknown field(s) {unknown}; allowed: {allowed}")
         _check("name" in data, "config: missing field 'name'")
@@ -233,6 +249,8 @@ class QuantConfig:
             attention=LayerQuant.from_dict(data.get("attention", {}), "config.attention"),
             mlp=LayerQuant.from_dict(data.get("mlp", {}), "config.mlp"),
             overrides=tuple(_from_mapping(Override, o, f"config.overrides[{i}]") for i, o in enumerate(overrides)),
+            float_dtype=data.get("float_dtype", "bfloat16"),
+            embeddings=data.get("embeddings", "float"),
         )
 
 

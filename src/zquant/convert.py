@@ -2,9 +2,10 @@
 
 `convert_layers` quantizes float layers in place (what round-to-nearest is); `empty_layers` swaps
 in uninitialised `QuantLinear`s of the right shapes for a checkpoint's tensors to fill;
-`set_submodule` is the one module-swap primitive every step uses. `check_finite` refuses a float
-weight with NaN or infinite values, naming the layer: its quantized group would be all NaN (see
-`zquant.primitives`), a broken model better reported than converted.
+`convert_embeddings` / `empty_embeddings` do the same for an INT8 embedding table (and a head tied
+to it); `set_submodule` is the one module-swap primitive every step uses. `check_finite` refuses a
+float weight with NaN or infinite values, naming the layer: its quantized group would be all NaN
+(see `zquant.primitives`), a broken model better reported than converted.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from .config import ConfigError
+from .embedding import QuantEmbedding, TiedHead
 from .modules import QuantLinear, float_weight, linear_features
 from .plan import LayerPlan, PLAN_ATTR, Plan
 from .record import RECORD_ATTR, QuantRecord
@@ -65,6 +68,35 @@ def empty_layers(model: nn.Module, plan: Plan) -> None:
         src = model.get_submodule(t.name)
         k, n = linear_features(src)
         set_submodule(model, t.name, QuantLinear(k, n, t.spec, bias=src.bias is not None))
+
+
+def _swap_embeddings(model: nn.Module, plan: Plan, make) -> None:
+    """With the scheme's ``embeddings="int8"``, replace the plan's embedding table by ``make(name,
+    table)`` and a head that shares the table's weight by a `TiedHead` reading the new table."""
+    if plan.config.embeddings != "int8":
+        return
+    if plan.embedding is None:
+        raise ConfigError(f"embeddings='int8': adapter {plan.adapter.name!r} finds no token embedding table in "
+                          f"{type(model).__name__}")
+    table = model.get_submodule(plan.embedding)
+    head = model.get_submodule(plan.head) if plan.head is not None else None
+    tied = head is not None and getattr(head, "weight", None) is getattr(table, "weight", False)
+    new = make(plan.embedding, table)
+    set_submodule(model, plan.embedding, new)
+    if tied:   # the float table and head share one Parameter, which nothing references from here on
+        set_submodule(model, plan.head, TiedHead(new))
+
+
+def convert_embeddings(model: nn.Module, plan: Plan) -> None:
+    """Quantize the token embedding table to INT8 rows when the scheme asks (``embeddings="int8"``)."""
+    _swap_embeddings(model, plan, lambda name, table: QuantEmbedding.from_float(table, name))
+
+
+def empty_embeddings(model: nn.Module, plan: Plan) -> None:
+    """Swap in an empty `QuantEmbedding` (and `TiedHead`) of the right shape, for a checkpoint to fill."""
+    def make(name, table):
+        return QuantEmbedding(table.num_embeddings, table.embedding_dim, table.padding_idx)
+    _swap_embeddings(model, plan, make)
 
 
 def mark_quantized(model: nn.Module, plan: Plan, record: QuantRecord) -> None:

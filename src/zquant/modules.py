@@ -47,7 +47,10 @@ class QuantLinear(nn.Module):
       ``bias``     float [N] (if the source had one)
       ``act_scale`` float32 0-d, the calibrated input scale (static activation mode only)
     """
-    SCALE_BUFFERS = ("wscale", "act_scale")   # finite and > 0 in any checkpoint (checked at load)
+
+    # quantization scales: stored float32 whatever the float parts' dtype (`zquant.float_parts`), and
+    # finite and > 0 in any checkpoint (checked at load)
+    scale_buffers = ("wscale", "act_scale")
 
     def __init__(self, in_features: int, out_features: int, spec: LayerQuant, bias: bool = True,
                  dtype: torch.dtype = torch.float32):

@@ -40,6 +40,8 @@ class Plan:
     blocks_name: str                   # qualified name of the ModuleList of blocks
     num_blocks: int
     layers: tuple[LayerPlan, ...]      # every block linear layer with a role, in order
+    embedding: str | None = None       # qualified name of the token embedding table (from the adapter)
+    head: str | None = None            # qualified name of the output head, if the model has one
 
     @property
     def kind(self) -> str:
@@ -77,7 +79,7 @@ def make_plan(model: nn.Module, config: QuantConfig, adapter: Adapter | None = N
             layers.append(LayerPlan(name, i, rel, role, spec))
     if not layers:
         raise ValueError(f"adapter {adapter.name!r} found no linear layers to quantize in {type(model).__name__}")
-    return Plan(adapter, config, blocks_name, len(blocks), tuple(layers))
+    return Plan(adapter, config, blocks_name, len(blocks), tuple(layers), *adapter.find_embeddings(model))
 
 
 def plan_of(model: nn.Module) -> Plan | None:

@@ -78,8 +78,12 @@ class QuantRecord(Mapping):
         for key in ("scheme", "adapter"):
             if key not in data:
                 raise ConfigError(f"record: missing field {key!r}")
+        scheme = data["scheme"]
+        if isinstance(scheme, Mapping) and "float_dtype" not in scheme:
+            # Records written before the field existed: their float parts were stored as float32.
+            scheme = {**scheme, "float_dtype": "float32"}
         try:
-            scheme = QuantConfig.from_dict(data["scheme"])
+            scheme = QuantConfig.from_dict(scheme)
         except TypeError as e:
             raise ConfigError(f"record.scheme: {e}") from None
         return cls(scheme, data["adapter"], data.get("source"), {k: data[k] for k in STEP_KEYS if k in data},

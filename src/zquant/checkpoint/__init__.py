@@ -27,11 +27,13 @@ from torch import nn
 
 from .. import outdir
 from ..config import ConfigError
-from ..convert import empty_layers, mark_quantized
+from ..convert import empty_embeddings, empty_layers, mark_quantized
+from ..float_parts import DTYPES, float_part_names
 from ..fsutil import atomic_directory, sha256
 from ..plan import make_plan
 from ..record import QuantRecord, record_of
 from .errors import CheckpointError
+from .floats import save_weights, upcast_float_parts
 from .integrity import CHECKSUM, check_fields, check_tokenizer_files, stamped, verify_checksum
 from .skeleton import assign_weights, build_skeleton, materialize_buffers, model_class, recorded_config
 from .validate import check_block_count, check_buffer_budget, check_scales, check_tensors, read_header
@@ -77,7 +79,6 @@ def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, force: 
 
     ``directory`` must be absent, empty or a zquant checkpoint (which is replaced); ``force=True``
     replaces anything else there. Never the recorded source model or a path inside it."""
-    from safetensors.torch import save_model
     record = record_of(model)
     if record is None:
         raise ValueError("zquant.save expects a model quantized by zquant.quantize (it has no quantization record)")
@@ -86,7 +87,7 @@ def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, force: 
                       "(pass tokenizer=...)", UserWarning, stacklevel=2)
     directory = check_target(directory, _source_paths(record), force)
     with atomic_directory(directory) as tmp:
-        save_model(model, str(tmp / WEIGHTS))
+        save_weights(model, tmp / WEIGHTS, record.scheme.float_dtype)   # float parts in the record's dtype
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         meta = {
@@ -183,9 +184,12 @@ def load(directory: str | os.PathLike) -> nn.Module:
                               f"model to {plan.adapter.name!r}")
     with torch.device("meta"):
         empty_layers(model, plan)
-    check_tensors(model, header, weights)
+        empty_embeddings(model, plan)
+    floats = float_part_names(model)           # what the skeleton says is float, before the file's tensors
+    check_tensors(model, header, weights, float_storage=(DTYPES[record.scheme.float_dtype],))
     check_buffer_budget(model, weights)
     assign_weights(model, weights)
+    upcast_float_parts(model, floats, record.scheme.float_dtype, weights)
     materialize_buffers(model)
     check_scales(model, weights)
     mark_quantized(model, plan, record)

@@ -63,9 +63,9 @@ def check_block_count(config, header: Header, weights: Path) -> None:
 
 
 def _scale_names(model: nn.Module) -> set[str]:
-    """State-dict names of quantization scales (modules name theirs in ``SCALE_BUFFERS``)."""
+    """State-dict names of quantization scales (modules name theirs in ``scale_buffers``)."""
     return {f"{name}.{attr}" if name else attr for name, m in model.named_modules()
-            for attr in getattr(type(m), "SCALE_BUFFERS", ()) if getattr(m, attr, None) is not None}
+            for attr in getattr(type(m), "scale_buffers", ()) if getattr(m, attr, None) is not None}
 
 
 def _allowed(name: str, t: torch.Tensor, scales: set[str], float_storage: Collection[torch.dtype] | None) -> set:

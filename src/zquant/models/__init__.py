@@ -94,6 +94,10 @@ class Adapter:
     attention: tuple[str, ...]         # linear layers in a block (names relative to the block)
     mlp: tuple[str, ...]
     fusions: tuple[Fusion, ...] = ()   # runtime fusions of the fast path (`zquant.fusion`)
+    # Name suffixes of the token embedding table and the output head ("": the model's own
+    # get_input_embeddings() / get_output_embeddings()).
+    embeddings: str = ""
+    head: str = ""
     decode: DecodeLayout | None = None  # zquant's own decode step, for families it runs
 
     @property
@@ -108,6 +112,11 @@ class Adapter:
                 return name, module
         raise ValueError(f"{type(model).__name__}: no block list '*{self.blocks}' for adapter {self.name!r}")
 
+    def find_embeddings(self, model: nn.Module) -> tuple[str | None, str | None]:
+        """(qualified name of the token embedding table, of the output head); None where there is none."""
+        return (_find_module(model, self.embeddings, "get_input_embeddings"),
+                _find_module(model, self.head, "get_output_embeddings"))
+
     def role(self, relative_name: str) -> str | None:
         """'attention', 'mlp' or None (not quantized) for a linear layer's name inside a block."""
         if relative_name in self.attention:
@@ -115,6 +124,18 @@ class Adapter:
         if relative_name in self.mlp:
             return "mlp"
         return None
+
+
+def _find_module(model: nn.Module, suffix: str, getter: str) -> str | None:
+    """The qualified name of the module called ``suffix`` (or ending in ``.suffix``), else of the one
+    ``model.<getter>()`` returns; None when there is none."""
+    if suffix:
+        return next((n for n, _ in model.named_modules() if n == suffix or n.endswith("." + suffix)), None)
+    try:
+        target = getattr(model, getter)()
+    except (AttributeError, NotImplementedError):
+        return None
+    return next((n for n, m in model.named_modules() if m is target and n), None) if target is not None else None
 
 
 REGISTRY: dict[str, Adapter] = {}
