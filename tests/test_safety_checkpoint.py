@@ -158,7 +158,7 @@ def test_format_version_1_is_refused_with_a_requantize_line(tmp_path):
     ("model.layers.0.self_attn.q_proj.qweight", torch.float32, "q_proj.qweight is F32 \\[64, 64\\].*expect I8"),
     ("model.layers.0.mlp.up_proj.qweight", torch.int8, "up_proj.qweight is I8 \\[96, 32\\].*expect U8"),
     ("model.layers.0.mlp.up_proj.wscale", torch.float16, "up_proj.wscale is F16.*expect F32"),
-    ("model.norm.weight", torch.int8, "model.norm.weight is I8 \\[64\\].*expect F32"),
+    ("model.norm.weight", torch.int8, "model.norm.weight is I8 \\[64\\].*expect BF16"),   # float parts: bf16
 ])
 def test_tensors_stored_in_another_dtype_are_refused(tmp_path, name, dtype, message):
     path = _saved(tmp_path, scheme="w4/8a8")       # attention INT8 (int8), MLP INT4 (packed uint8)
