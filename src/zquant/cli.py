@@ -7,96 +7,10 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .cli_options import (add_force, add_lkd_options, add_scheme_options, check_out, eval_options,
+                          eval_opts, json_text, lkd_configs, scheme_config, schemes)
 
 EXIT_ERROR = 2
-
-
-def _schemes(text: str) -> list[str]:
-    return [s.strip() for s in text.split(",") if s.strip()]
-
-
-def _add_scheme_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--override", action="append", default=[], metavar="RULE",
-                   help="per-module override by name pattern, repeatable: 'PATTERN=fp' keeps layers in floating "
-                        "point, 'PATTERN:bits=4,groups=32,act=none' changes them (keys: bits, granularity, groups, "
-                        "group_size, act, symmetric)")
-    p.add_argument("--groups", type=int, help="number of output-row groups (default: 64 decoders, 48 encoders)")
-    p.add_argument("--granularity", choices=["row_group", "row", "input_group"],
-                   help="weight scale layout (default row_group, ZeroQuant's)")
-    p.add_argument("--group-size", type=int, help="input-column group size for --granularity input_group")
-    p.add_argument("--asymmetric", action="store_true", help="asymmetric token-wise activations")
-    p.add_argument("--float-dtype", metavar="DTYPE", default=None,
-                   help="dtype the floating-point parts (embeddings, norms, biases, float layers) are rounded to "
-                        "and stored in: float32, bfloat16 or float16 (default bfloat16; compute stays float32)")
-    p.add_argument("--embeddings", metavar="KIND", default=None,
-                   help="token embedding table: float (stored in --float-dtype, the default) or int8 (one scale "
-                        "per row; a head tied to the table runs from it as a W8A8 linear)")
-    p.add_argument("--calib-text", default=None, help="calibration text for static schemes (default: technical)")
-
-
-def _eval_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ppl", metavar="FILE", default=None,
-                   help="decoders: perplexity text, a UTF-8 file or a packaged name (default: wiki)")
-    p.add_argument("--max-tokens", type=int, default=32768, help="decoders: token budget (default 32768; 0 = all)")
-    p.add_argument("--window", type=int, default=1024, help="decoders: perplexity window (default 1024)")
-    p.add_argument("--sentiment", action="store_true",
-                   help="encoders: sentiment accuracy and cosine (always on for encoders; accepted for clarity)")
-    p.add_argument("--max-examples", type=int, default=None, help="encoders: use a subset of the sentiment data")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
-
-
-def _add_lkd_options(p: argparse.ArgumentParser, compare: bool = False) -> None:
-    from .config import LKD_LOSSES, LKD_SCHEDULES, LKDConfig
-    d = LKDConfig()
-    p.add_argument("--lkd", action="store_true",
-                   help="layer-by-layer knowledge distillation of every block" +
-                        (" (adds a SCHEME+lkd row per scheme)" if compare else ""))
-    p.add_argument("--lkd-data", default=None, metavar="TEXT",
-                   help=f"distillation data: a packaged text, a UTF-8 file, or 'random' token ids (default {d.data})" +
-                        ("; comma-separated for one SCHEME+lkd(TEXT) row each" if compare else ""))
-    p.add_argument("--lkd-samples", type=int, help=f"sequences to distill on (default {d.samples})")
-    p.add_argument("--lkd-seq-len", type=int, help=f"tokens per sequence (default {d.seq_len})")
-    p.add_argument("--lkd-steps", type=int, help=f"optimizer steps per block (default {d.steps})")
-    p.add_argument("--lkd-lr", type=float, help=f"AdamW learning rate (default {d.lr:g})")
-    p.add_argument("--lkd-batch-size", type=int, help=f"sequences per step (default {d.batch_size})")
-    p.add_argument("--lkd-seed", type=int, help=f"seed of the batch order and random data (default {d.seed})")
-    p.add_argument("--lkd-loss", choices=LKD_LOSSES, help=f"distillation loss (default {d.loss})")
-    p.add_argument("--lkd-schedule", choices=LKD_SCHEDULES, help=f"learning-rate schedule (default {d.schedule})")
-    p.add_argument("--lkd-resume", metavar="DIR", default=None,
-                   help="keep finished blocks in DIR and resume an interrupted run from there" +
-                        (" (one subfolder per row)" if compare else " (default: OUT.lkd-resume, removed after "
-                                                                    "the model is saved)"))
-
-
-def _lkd_configs(args) -> dict:
-    """``{row suffix: LKDConfig}`` from the --lkd options: ``{"+lkd": ...}``, one ``+lkd(DATA)`` per
-    comma-separated --lkd-data, or ``{}`` without --lkd."""
-    from .config import ConfigError, LKDConfig
-    names = ("samples", "seq_len", "steps", "lr", "batch_size", "seed", "loss", "schedule")
-    given = {k: getattr(args, f"lkd_{k}", None) for k in names}
-    given = {k: v for k, v in given.items() if v is not None}
-    if not getattr(args, "lkd", False):
-        if given or getattr(args, "lkd_data", None) or getattr(args, "lkd_resume", None):
-            raise ConfigError("the --lkd-* options need --lkd")
-        return {}
-    datas = _schemes(args.lkd_data) if args.lkd_data else [LKDConfig().data]
-    if len(datas) == 1:
-        return {"+lkd": LKDConfig(data=datas[0], **given)}
-    return {f"+lkd({d})": LKDConfig(data=d, **given) for d in datas}
-
-
-def _add_force(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--force", action="store_true",
-                   help=f"replace {what} even when it holds other files or is a file (never the model read)")
-
-
-def _check_out(args, path: Path, check) -> Path:
-    """``path`` once ``check`` (a `zquant.outdir.check_target` wrapper) allows writing it: called
-    before the slow work. The MODEL (and --reference) read are never written."""
-    from .sources import resolve
-    read = [resolve(m) for m in (args.model, getattr(args, "reference", None)) if m]
-    return check(path, read, args.force, "pass --force")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,30 +23,30 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="model directory, .gguf file, or built-in name (smollm2-135m, minilm-l6)")
     q.add_argument("--scheme", required=True, help="preset: w8a8, w8a8-static, w8a16, w4/8a16, w4/8a8")
     q.add_argument("--out", default=None, help="output directory (default: out/MODEL-SCHEME)")
-    _add_force(q, "OUT")
+    add_force(q, "OUT")
     q.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    _add_scheme_options(q)
-    _add_lkd_options(q)
+    add_scheme_options(q)
+    add_lkd_options(q)
 
     e = sub.add_parser("eval", help="evaluate a floating-point model or a quantized directory")
     e.add_argument("model", help="MODEL (floating point) or a directory written by 'zquant quantize'")
     e.add_argument("--reference", default=None,
                    help="encoders: the floating-point model to compare with (default: the checkpoint's source)")
-    _eval_options(e)
+    eval_options(e)
 
     c = sub.add_parser("compare", help="floating point and each scheme, evaluated in one run")
     c.add_argument("model")
-    c.add_argument("--schemes", type=_schemes, default=["w8a8-static", "w8a8", "w8a16", "w4/8a16", "w4/8a8"],
+    c.add_argument("--schemes", type=schemes, default=["w8a8-static", "w8a8", "w8a16", "w4/8a16", "w4/8a8"],
                    help="comma-separated presets (default: all)")
     c.add_argument("--save", metavar="DIR", default=None, help="also save each quantized model under DIR")
-    _add_force(c, "a DIR/SCHEME folder")
+    add_force(c, "a DIR/SCHEME folder")
     c.add_argument("--report", metavar="DIR", default=None,
                    help="also write DIR/index.html: one self-contained page with the table, sizes, range plots and "
                         "per-layer SNR (measured on the --ppl text)")
     c.add_argument("--report-tokens", type=int, default=256, help="tokens of text the report measures (default 256)")
-    _add_scheme_options(c)
-    _eval_options(c)
-    _add_lkd_options(c, compare=True)
+    add_scheme_options(c)
+    eval_options(c)
+    add_lkd_options(c, compare=True)
 
     i = sub.add_parser("inspect", help="activation / weight ranges and per-layer quantization error, as PNG + JSON")
     i.add_argument("model", help="MODEL (floating point), or a directory written by 'zquant quantize' (its per-layer "
@@ -140,71 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--text", default=None, help="sample text: a UTF-8 file or a packaged name (default: wiki)")
     i.add_argument("--tokens", type=int, default=256, help="tokens of sample text (default 256)")
     i.add_argument("--out", default=None, help="output directory (default: out/inspect-MODEL)")
-    _add_force(i, "OUT")
-    i.add_argument("--schemes", type=_schemes, default=["w8a8"],
+    add_force(i, "OUT")
+    i.add_argument("--schemes", type=schemes, default=["w8a8"],
                    help="comma-separated presets whose per-layer SNR to measure (default w8a8; 'none' for none)")
     i.add_argument("--blocks", default="auto",
                    help="blocks to plot in detail: 'auto' (first, middle, last), 'all', or e.g. 0,5,11")
     i.add_argument("--reference", default=None,
                    help="for a quantized directory: its floating-point model (default: the recorded source)")
     i.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    _add_scheme_options(i)
+    add_scheme_options(i)
     from . import cli_generate
     cli_generate.add_parsers(sub)
     return parser
-
-
-def _storage(args) -> dict:
-    """The scheme fields --float-dtype and --embeddings set (validated here, so the error names the flag)."""
-    from .config import EMBEDDINGS, FLOAT_DTYPES, ConfigError
-    stored = {}
-    for flag, key, allowed in (("--float-dtype", "float_dtype", FLOAT_DTYPES), ("--embeddings", "embeddings",
-                                                                                 EMBEDDINGS)):
-        value = getattr(args, key, None)
-        if value is not None:
-            if value not in allowed:
-                raise ConfigError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
-            stored[key] = value
-    return stored
-
-
-def _config(args, scheme: str):
-    import dataclasses
-    from .config import ConfigError, Override, get_scheme
-    config = get_scheme(scheme)
-    stored = _storage(args)
-    if args.group_size is not None and args.granularity != "input_group":
-        raise ConfigError("--group-size applies only with --granularity input_group")
-    changes = {}
-    if args.groups is not None:
-        changes["groups"] = args.groups
-    if args.granularity is not None:
-        changes["granularity"] = args.granularity
-    if args.group_size is not None:
-        changes["group_size"] = args.group_size
-    if args.asymmetric:
-        changes["symmetric"] = False
-    overrides = [Override(pattern="*", **changes)] if changes else []
-    overrides += [Override.parse(o) for o in args.override]
-    return dataclasses.replace(config, overrides=config.overrides + tuple(overrides), **stored)
-
-
-def _json(data) -> str:
-    """Strict JSON (no NaN or infinity, which JSON does not have): a non-finite result is an error."""
-    try:
-        return json.dumps(data, allow_nan=False)
-    except ValueError:
-        raise ValueError("a result is not finite (NaN or infinity); the model's outputs overflowed") from None
-
-
-def _eval_opts(args):
-    from .data import DEFAULT_EVAL_TEXT, MIN_SENTIMENT_EXAMPLES
-    if args.max_examples is not None and args.max_examples < MIN_SENTIMENT_EXAMPLES:
-        raise ValueError(f"--max-examples must be at least {MIN_SENTIMENT_EXAMPLES} (a train and a test example), "
-                         f"got {args.max_examples}")
-    from .eval import EvalOptions
-    return EvalOptions(text=args.ppl or DEFAULT_EVAL_TEXT, max_tokens=args.max_tokens or None, window=args.window,
-                       max_examples=args.max_examples, quiet=args.quiet)
 
 
 def _log(args):
@@ -213,16 +74,16 @@ def _log(args):
 
 def _quantize_fn(args, tokenizer, lkd_resume=lambda name: None):
     """``fn(model, name)`` quantizing with ``name``: a scheme, or a scheme plus an LKD suffix from
-    `_lkd_configs` (``w4/8a8+lkd``); ``lkd_resume(name)`` gives the LKD resume directory or None."""
+    `lkd_configs` (``w4/8a8+lkd``); ``lkd_resume(name)`` gives the LKD resume directory or None."""
     from .api import quantize
     from .data import DEFAULT_CALIB_TEXT
     calib = args.calib_text or DEFAULT_CALIB_TEXT
-    variants = _lkd_configs(args)
+    variants = lkd_configs(args)
 
     def run(model, name):
         scheme, plus, suffix = name.partition("+")
         lkd = variants[plus + suffix] if plus else None
-        return quantize(model, _config(args, scheme), tokenizer=tokenizer, calib_text=calib, lkd=lkd,
+        return quantize(model, scheme_config(args, scheme), tokenizer=tokenizer, calib_text=calib, lkd=lkd,
                         lkd_resume=lkd_resume(name) if lkd else None, quiet=args.quiet)
     return run
 
@@ -242,18 +103,18 @@ def cmd_quantize(args) -> int:
     from .config import file_stem
     from .resume import check_target as resume_check_target
     from .sources import fingerprint
-    config = _config(args, args.scheme)        # validate before the slow load
-    lkd = _lkd_configs(args)
+    config = scheme_config(args, args.scheme)        # validate before the slow load
+    lkd = lkd_configs(args)
     if len(lkd) > 1:
         raise ValueError("quantize takes one --lkd-data")
     suffix = next(iter(lkd), "")
     out = Path(args.out or f"out/{Path(str(args.model)).stem}-{file_stem(config.name)}{'-lkd' if lkd else ''}")
     # By default an LKD run keeps its finished blocks next to OUT until the model is saved, so
     # running the same command again after an interruption resumes it.
-    out = _check_out(args, out, checkpoint.check_target)
+    out = check_out(args, out, checkpoint.check_target)
     resume = Path(args.lkd_resume) if args.lkd_resume else out.with_name(out.name + ".lkd-resume")
     if lkd and not args.lkd_resume:            # removed once saved: it must be ours to remove
-        _check_out(args, resume, resume_check_target)
+        check_out(args, resume, resume_check_target)
     log = _log(args)
     log(f"loading {args.model}")
     model, tokenizer = load(args.model), load_tokenizer(args.model)
@@ -295,7 +156,7 @@ def cmd_eval(args) -> int:
     from .api import load, load_tokenizer
     from .eval import EncoderReference, evaluate
     from .plan import kind_of
-    opts = _eval_opts(args)
+    opts = eval_opts(args)
     model, tokenizer = load(args.model), load_tokenizer(args.model)
     reference = None
     if kind_of(model) == "encoder":
@@ -304,7 +165,7 @@ def cmd_eval(args) -> int:
     result = evaluate(model, tokenizer, opts, reference, label=Path(str(args.model)).name)
     result["model"] = str(args.model)
     if args.json:
-        print(_json(result))
+        print(json_text(result))
     else:
         for key, value in result.items():
             print(f"{key:>22}: {value}")
@@ -318,11 +179,11 @@ def cmd_compare(args) -> int:
     from .eval import compare, format_table
     from .sources import fingerprint
     for scheme in args.schemes:
-        _config(args, scheme)                  # validate every scheme before the slow work
-    names = [s + suffix for s in args.schemes for suffix in ("", *_lkd_configs(args))]
+        scheme_config(args, scheme)                  # validate every scheme before the slow work
+    names = [s + suffix for s in args.schemes for suffix in ("", *lkd_configs(args))]
     if args.save:
         for name in names:
-            _check_out(args, Path(args.save) / file_stem(name), checkpoint.check_target)
+            check_out(args, Path(args.save) / file_stem(name), checkpoint.check_target)
     log = _log(args)
     log(f"loading {args.model}")
     model, tokenizer = load(args.model), load_tokenizer(args.model)
@@ -334,7 +195,7 @@ def cmd_compare(args) -> int:
     def quantize_and_record(m, scheme):
         return _with_source(quantize_fn(m, scheme), str(args.model), sha)
 
-    opts = _eval_opts(args)
+    opts = eval_opts(args)
     collector = None
     if args.report:
         from .analysis import sample_input
@@ -354,7 +215,7 @@ def cmd_compare(args) -> int:
                               command=getattr(args, "command_line", None))
         log(f"report written to {page}")
     if args.json:
-        print(_json({"model": str(args.model), "rows": rows}))
+        print(json_text({"model": str(args.model), "rows": rows}))
     else:
         print(format_table(rows))
     return 0
@@ -379,9 +240,9 @@ def cmd_inspect(args) -> int:
     read_text(text)                            # a bad --text fails before the slow load
     schemes = [s for s in args.schemes if s != "none"]
     for scheme in schemes:
-        _config(args, scheme)
+        scheme_config(args, scheme)
     label = _model_label(args.model)
-    out = _check_out(args, Path(args.out or f"out/inspect-{file_stem(label)}"), check_inspect_target)
+    out = check_out(args, Path(args.out or f"out/inspect-{file_stem(label)}"), check_inspect_target)
     log = _log(args)
     log(f"loading {args.model}")
     tokenizer = load_tokenizer(args.model)
