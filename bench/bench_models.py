@@ -46,9 +46,13 @@ def checkpoint(model_name: str, scheme: str) -> Path:
     import zquant
     from zquant.config import file_stem
     from zquant.fsutil import cache_root
+    from zquant.checkpoint import CheckpointError, read_meta
     path = cache_root() / "bench" / f"{model_name}-{file_stem(scheme)}"
-    if not (path / "zquant.json").exists():
-        zquant.save(zquant.quantize(zquant.load(model_name), scheme), path)
+    try:
+        read_meta(path)
+    except CheckpointError:            # none yet, or written by an older zquant: make it (again)
+        tok = zquant.load_tokenizer(model_name)
+        zquant.save(zquant.quantize(zquant.load(model_name), scheme), path, tok, force=True)
     return path
 
 
