@@ -64,6 +64,14 @@ def sample_ids(vocab: int = 211, batch: int = 2, seq: int = 24, seed: int = 1) -
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
+def assert_same_state(a_model, b_model) -> None:
+    """The two models' state dicts have the same names, dtypes and values."""
+    a, b = a_model.state_dict(), b_model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
 def snr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-noise ratio of ``approx`` against ``reference`` in dB."""
     reference, approx = reference.detach().float(), approx.detach().float()

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import zquant
-from conftest import make_tiny, sample_ids
+from conftest import assert_same_state, make_tiny, sample_ids
 from zquant import kernels
 from zquant.checkpoint import CheckpointError
 from zquant.cli import main
@@ -87,10 +87,7 @@ def test_round_trip_of_each_float_dtype(tmp_path, family, float_dtype, stored):
     assert {d for n, d in dtypes.items() if n.endswith("qweight")} == {"I8"}
 
     loaded = zquant.load(tmp_path / "q")
-    a, b = model.state_dict(), loaded.state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert_same_state(model, loaded)
     ids = sample_ids()
     with kernels.use_backend("reference"):
         assert torch.equal(logits(model, ids), logits(loaded, ids))

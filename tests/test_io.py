@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import zquant
-from conftest import make_tiny, sample_ids
+from conftest import assert_same_state, make_tiny, sample_ids
 from zquant import checkpoint, kernels
 from zquant.checkpoint import CheckpointError
 from zquant.checkpoint.integrity import stamped
@@ -31,10 +31,7 @@ def test_round_trip_is_bit_exact(tmp_path, family, scheme):
     model = zquant.quantize(make_tiny(family), scheme, calibration=[{"input_ids": sample_ids(seed=3)}])
     zquant.save(model, tmp_path / "q")
     loaded = zquant.load(tmp_path / "q")
-    a, b = model.state_dict(), loaded.state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert_same_state(model, loaded)
     ids = sample_ids()
     with kernels.use_backend("reference"):
         assert torch.equal(_out(model, ids), _out(loaded, ids))
