@@ -284,6 +284,8 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, Settings(**json.loads(args.settings)))))
         return
+    if args.rounds < 1 or args.threads < 1:
+        ap.error(f"--rounds and --threads must be at least 1 (got {args.rounds}, {args.threads})")
     s, rounds = Settings(threads=args.threads, max_wait=args.max_wait), args.rounds
     if args.quick:
         s, rounds = dataclasses.replace(s, reps=2, calls=1, retries=1), 1
@@ -305,6 +307,8 @@ def main() -> None:
             results[name].append(out)
             print(f"# round {r + 1} {name}: {out} ({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
         args.engines = [n for n in args.engines if n in results]
+    if not results:
+        raise SystemExit("bench_decode: every engine was skipped")
     print(render(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
