@@ -290,3 +290,16 @@ def test_int8_kv_cache_needs_the_fast_path():
     model = make_tiny("llama", vocab_size=300)
     with pytest.raises(ValueError, match="int8"):
         zquant.generate(model, None, [[5, 6]], max_new_tokens=2, kv_cache="int8", path="general")
+
+
+@pytest.mark.parametrize("kv_cache", ["fp", "int8"])
+def test_a_nan_token_propagates_through_the_cache(cpu_extension, kv_cache):
+    """A NaN in one token's embedding makes what attends to it NaN, as in floating point."""
+    q = _quantized("w8a8")
+    with torch.no_grad():
+        q.model.embed_tokens.weight[7] = float("nan")
+    runner = fast.FastRunner(q)
+    runner.reserve(1, 64, kv_cache)
+    assert torch.isfinite(runner.forward([(0, 0, [5, 6])])).all()
+    assert torch.isnan(runner.forward([(0, 2, [7])])).all()
+    assert torch.isnan(runner.forward([(0, 3, [9])])).all()         # a later token still sees it

@@ -85,9 +85,17 @@ inline void rope_head(const float* x, const float* c, const float* s, int64_t d,
 
 // One head vector x[0:d] into the INT8 cache: symmetric, one scale per token per head
 // (ZeroQuant's token-wise idea applied to the cache), rounded half to even like torch.round.
+// A vector holding a NaN or an infinity gets scale NaN (and zeros), so attention over it gives
+// NaN like the floating-point cache would, instead of a finite clamp.
 inline void quantize_head(const float* x, int64_t d, int8_t* q, float* scale) {
   float amax = 0.f;
-  for (int64_t j = 0; j < d; ++j) amax = std::max(amax, std::fabs(x[j]));
+  bool finite = true;
+  for (int64_t j = 0; j < d; ++j) finite = finite && std::isfinite(x[j]), amax = std::max(amax, std::fabs(x[j]));
+  if (!finite) {
+    std::fill(q, q + d, int8_t(0));
+    *scale = NAN;
+    return;
+  }
   const float s = amax > 0.f ? amax / 127.f : 1.f;
   for (int64_t j = 0; j < d; ++j) q[j] = (int8_t)std::max(-127.f, std::min(127.f, std::nearbyint(x[j] / s)));
   *scale = s;
