@@ -132,9 +132,7 @@ def cmd_chat(args) -> int:
         if not line.strip():
             continue
         t0 = time.perf_counter()
-        n = 0
         for piece in session.reply(line):
-            n += 1
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")

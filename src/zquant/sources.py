@@ -238,14 +238,12 @@ def load_tokenizer(model: str | os.PathLike):
 
 
 def fingerprint(model: nn.Module) -> str:
-    """SHA-256 (hex) of a floating-point model's state dict: every tensor's name, dtype, shape and
-    bytes, in name order. Loading the same MODEL again gives the same digest whatever its file
+    """SHA-256 (hex) of a floating-point model: its class and its state dict (every tensor's name,
+    dtype, shape and bytes, in name order; `zquant.resume.fingerprint`, the same digest an LKD
+    resume key holds). Loading the same MODEL again gives the same digest whatever its file
     layout. About 2 s per GB (1 s for SmolLM2-135M on 2 shared cores)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
+    from .resume import fingerprint as state_fingerprint
+    return state_fingerprint(model)
 
 
 def source_mismatch(model: nn.Module, sha: str, recorded_config: dict) -> str | None:

@@ -104,7 +104,7 @@ inline void quantize_head(const float* x, int64_t d, int8_t* q, float* scale) {
 inline float dot_i8(const float* q, const int8_t* k, int64_t d) {
   __m512 acc = _mm512_setzero_ps();
   for (int64_t j = 0; j < d; j += 16) {
-    const __mmask16 m = d - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - j)) - 1);
+    const __mmask16 m = tail_mask(d - j);
     const __m512 kv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, k + j)));
     acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + j), kv, acc);
   }
@@ -125,13 +125,6 @@ void attend_i8(const float* q, const int8_t* k, const float* ks, const int8_t* v
     const int8_t* vr = v + j * d;
     for (int64_t c = 0; c < d; ++c) out[c] += w * (float)vr[c];
   }
-}
-
-// 16 weights of row w (float32 or bfloat16) from column k as float32; masked lanes read 0.
-inline __m512 load_w16(const void* w, bool bf16, int64_t k, __mmask16 m) {
-  if (!bf16) return _mm512_maskz_loadu_ps(m, static_cast<const float*>(w) + k);
-  const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(w) + k);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));   // bf16 -> f32 is exact
 }
 
 }  // namespace
@@ -156,13 +149,14 @@ Tensor head_logits(const Tensor& x_in, const Tensor& w_in) {
   constexpr int64_t kRows = 4;                    // weight rows per pass
   constexpr int64_t kMr = 4;                      // activation rows per pass: 4 x 4 accumulators
   at::parallel_for(0, (V + kRows - 1) / kRows, 16, [&](int64_t b0, int64_t b1) {
-    std::vector<float> wf(kRows * K);             // the pass's weight rows as float32, converted once
+    std::vector<float> wf(bf16 ? kRows * K : 0);  // bf16: the pass's weight rows as float32, converted once
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t v0 = b * kRows, nv = std::min<int64_t>(kRows, V - v0);
-      for (int64_t j = 0; j < nv; ++j)
+      const float* wrows = bf16 ? wf.data() : reinterpret_cast<const float*>(wp) + v0 * K;
+      for (int64_t j = 0; bf16 && j < nv; ++j)
         for (int64_t k = 0; k < K; k += 16) {
-          const __mmask16 mk = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-          _mm512_mask_storeu_ps(wf.data() + j * K + k, mk, load_w16(wp + (v0 + j) * K * es, bf16, k, mk));
+          const __mmask16 mk = tail_mask(K - k);
+          _mm512_mask_storeu_ps(wf.data() + j * K + k, mk, load16(wp + ((v0 + j) * K + k) * es, true, mk));
         }
       for (int64_t m0 = 0; m0 < M; m0 += kMr) {
         const int64_t nm = std::min<int64_t>(kMr, M - m0);
@@ -170,9 +164,9 @@ Tensor head_logits(const Tensor& x_in, const Tensor& w_in) {
         for (auto& row : acc)
           for (auto& a : row) a = _mm512_setzero_ps();
         for (int64_t k = 0; k < K; k += 16) {
-          const __mmask16 mk = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+          const __mmask16 mk = tail_mask(K - k);
           __m512 wv[kRows];
-          for (int64_t j = 0; j < nv; ++j) wv[j] = _mm512_maskz_loadu_ps(mk, wf.data() + j * K + k);
+          for (int64_t j = 0; j < nv; ++j) wv[j] = _mm512_maskz_loadu_ps(mk, wrows + j * K + k);
           for (int64_t i = 0; i < nm; ++i) {
             const __m512 xv = _mm512_maskz_loadu_ps(mk, xp + (m0 + i) * K + k);
             for (int64_t j = 0; j < nv; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);

@@ -65,18 +65,7 @@ constexpr CodeName kActNames[] = {{"none", kNone}, {"relu", kRelu}, {"gelu", kGe
 constexpr CodeName kQModeNames[] = {{"none", kNoQuant}, {"sym", kSym}, {"asym", kAsym}, {"static", kStatic}};
 constexpr CodeName kNormNames[] = {{"rms", kRms}, {"layer", kLayer}};
 
-static inline __mmask16 tail_mask(int64_t n) {
-  return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
-}
-
-// 16 floats from f32 or bf16 memory (masked tail: missing lanes read as 0).
-static inline __m512 load16(const void* p, bool bf16, __mmask16 m) {
-  if (bf16) {
-    __m256i h = _mm256_maskz_loadu_epi16(m, p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-  return _mm512_maskz_loadu_ps(m, p);
-}
+// (tail_mask and load16, the masked 16-lane loads, are in zquant_cpu.h: decode.cpp uses them too.)
 
 // float -> bf16 with round-to-nearest-even, NaN kept quiet (what c10::BFloat16 does).
 static inline __m256i to_bf16(__m512 v) {

@@ -4,12 +4,28 @@
 #include <ATen/ATen.h>
 #include <torch/extension.h>
 
+#include <immintrin.h>
+
 #include <optional>
 #include <vector>
 
 namespace zq {
 
 using at::Tensor;
+
+// The first min(n, 16) lanes.
+inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
+}
+
+// 16 floats from f32 or bf16 memory (masked tail: missing lanes read as 0; bf16 -> f32 is exact).
+inline __m512 load16(const void* p, bool bf16, __mmask16 m) {
+  if (bf16) {
+    __m256i h = _mm256_maskz_loadu_epi16(m, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  return _mm512_maskz_loadu_ps(m, p);
+}
 
 // Activations after a linear layer (see zquant_cpu.cpp). kGeluNew (transformers' NewGELUActivation,
 // a Python formula) only in the decode step, which computes it with the formula's own ops.
