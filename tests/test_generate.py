@@ -41,8 +41,10 @@ def _step(runner, ids: list[int], slot: int, start: int):
 
 @pytest.mark.parametrize("family", FAST_FAMILIES)
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_step_is_bit_identical_to_the_model_forward(cpu_extension, scheme, family):
-    """Prefill and then decode steps give exactly the hidden states of the model's own forward."""
+def test_step_matches_the_model_forward(cpu_extension, scheme, family):
+    """Prefill and decode steps give the hidden states of the model's own forward: the same integer
+    arithmetic and float ops, but for attention, zquant's kernel (an exact softmax, summed in another
+    order than SDPA's), so they agree to float rounding."""
     q = _quantized(scheme, family=family)
     base = q.get_submodule(q.base_model_prefix)
     runner = fast.FastRunner(q)
@@ -51,14 +53,14 @@ def test_step_is_bit_identical_to_the_model_forward(cpu_extension, scheme, famil
     rows = _step(runner, prompt, 0, 0)
     with torch.no_grad():
         out = base(torch.tensor([prompt]), use_cache=True)
-    assert torch.equal(rows, out.last_hidden_state[0])
+    torch.testing.assert_close(rows, out.last_hidden_state[0], rtol=1e-4, atol=1e-4)
     cache, n = out.past_key_values, len(prompt)
     for t in (5, 77, 123, 9):
         row = _step(runner, [t], 0, n)
         with torch.no_grad():
             out = base(torch.tensor([[t]]), use_cache=True, **{_CACHE_ARG: cache})
         cache, n = out.past_key_values, n + 1
-        assert torch.equal(row[0], out.last_hidden_state[0, -1])
+        torch.testing.assert_close(row[0], out.last_hidden_state[0, -1], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", FAST_FAMILIES)

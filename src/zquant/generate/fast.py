@@ -136,13 +136,6 @@ def decoder_spec(model: nn.Module) -> DecoderSpec:
         layout.norm1)), cos, sin, _norm_spec(model.get_submodule(layout.final_norm)), tuple(blocks))
 
 
-def _head_weight(weight: Tensor) -> Tensor:
-    """The head's weight for the kernel: bfloat16 when that is exact (BF16-stored float parts)."""
-    w = weight.detach()
-    as_bf16 = w.to(torch.bfloat16)
-    return as_bf16 if torch.equal(as_bf16.float(), w.float()) else w.float().contiguous()
-
-
 class FastRunner:
     """Runs a supported quantized decoder (see `unsupported_reason`) through the step runner."""
 
@@ -162,7 +155,7 @@ class FastRunner:
         # a float nn.Linear runs in the head kernel; a quantized head (a QuantLinear, or one that reads
         # an INT8 embedding table) runs as it is, through the kernels' dispatch point (per row exact)
         self._head_module = None if isinstance(head, nn.Linear) else head
-        self._head_w = None if self._head_module else _head_weight(head.weight)
+        self._head_w = None if self._head_module else kernels.runtime_op("head_weight", "cpu")(head.weight)
         self._head_b = None if self._head_module or head.bias is None else head.bias.detach().float()
         self._head_op = kernels.runtime_op("head", "cpu")
         self._built_from = self._weights_now()

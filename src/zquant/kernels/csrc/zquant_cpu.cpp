@@ -19,8 +19,10 @@
 // Packed weight layout (built in Python, zquant/kernels/cpu.py:pack): output rows are padded to a
 // multiple of 16 and grouped in "tiles" of 16 rows; K is padded to a multiple of 4. A tile is
 // [K/4][16 rows][4 k] int8, i.e. one 64-byte vector per 4 k values, the operand of one vpdpbusd.
-// INT4 tiles keep two values per byte: for each 64-value vector, byte b holds value b in its low
-// nibble and value b+32 in its high nibble (two's complement nibbles), 32 bytes per vector.
+// INT4 tiles keep two values per byte, stored as w + 8 (0..15): the 64-byte vector t holds k groups
+// 2t (low nibbles) and 2t + 1 (high nibbles), so unpacking a group is an AND (and a shift), and the
+// nibbles serve as vpdpbusd's signed operand as they are. The + 8 adds 8 * sum_k u to a row's
+// accumulator, which the epilogue takes off (Gemm::usum). An odd last group has no high nibbles.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -98,8 +100,7 @@ static inline void store16(void* p, __m512 v, bool bf16, __mmask16 m) {
 // Note: torch registers many CPU kernels (sum among them) for AVX2 only ("REGISTER_DISPATCH"
 // skips AVX-512), so there its Vectorized<float> has 8 lanes; silu has an AVX-512 kernel (16).
 
-// Sleef's exp as exported by libtorch_cpu: what torch's 16-lane Vectorized<float>::exp() calls.
-extern "C" __m512 Sleef_expf16_u10(__m512);
+// (Sleef_expf16_u10, Sleef's exp as exported by libtorch_cpu, is declared in zquant_cpu.h.)
 
 static inline int64_t ceil_log2(int64_t x) {   // ATen's utils::CeilLog2
   return x <= 2 ? 1 : 64 - __builtin_clzll((uint64_t)(x - 1));
@@ -442,6 +443,7 @@ std::vector<Tensor> norm_quant(const Tensor& x, const std::optional<Tensor>& wei
 struct Gemm {
   const uint8_t* A;  int64_t lda;  const float* ascale;  const int32_t* aoff;  int64_t M;
   const uint8_t* W;  int64_t bits;  int64_t K4;  int64_t ntiles;
+  const int32_t* usum;                      // INT4: sum_k u of each row (see the layout), else null
   const int32_t* wsum;  const float* wscale;  const float* wbias;
   bool gated;  const ScalarTails* tails;    // gated: silu's scalar-tail lanes of the output
   char* out;  bool out_bf16;  int64_t N;    // out is [M, N], row stride N
@@ -451,8 +453,14 @@ struct Gemm {
 
 // int32 accumulators of one vector -> float, in the reference's order:
 // (acc - offset * rowsum(w)) * weight scale * token scale + bias.
-static ZQ_INLINE __m512 dequant(const Gemm& g, __m512i acc, int64_t col, __m512i off, __m512 sx) {
-  acc = _mm512_sub_epi32(acc, _mm512_mullo_epi32(off, _mm512_loadu_si512(g.wsum + col)));
+// c8: 8 * usum of the row for INT4 weights (their + 8), else 0.
+// The INT4 correction of row m (see dequant).
+static ZQ_INLINE __m512i int4_correction(const Gemm& g, int64_t m) {
+  return _mm512_set1_epi32(g.usum ? 8 * g.usum[m] : 0);
+}
+
+static ZQ_INLINE __m512 dequant(const Gemm& g, __m512i acc, int64_t col, __m512i off, __m512i c8, __m512 sx) {
+  acc = _mm512_sub_epi32(_mm512_sub_epi32(acc, c8), _mm512_mullo_epi32(off, _mm512_loadu_si512(g.wsum + col)));
   __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(g.wscale + col));
   f = _mm512_mul_ps(f, sx);
   if (g.wbias) f = _mm512_add_ps(f, _mm512_loadu_ps(g.wbias + col));
@@ -460,10 +468,11 @@ static ZQ_INLINE __m512 dequant(const Gemm& g, __m512i acc, int64_t col, __m512i
 }
 
 // One output vector of a plain GEMM: columns col .. col + 15 of row m (orow); false past N.
-static ZQ_INLINE bool store_plain(const Gemm& g, char* orow, int64_t col, __m512i acc, __m512i off, __m512 sx) {
+static ZQ_INLINE bool store_plain(const Gemm& g, char* orow, int64_t col, __m512i acc, __m512i off, __m512i c8,
+                                  __m512 sx) {
   if (col >= g.N) return false;
   const int64_t es = g.out_bf16 ? 2 : 4;
-  store16(orow + col * es, dequant(g, acc, col, off, sx), g.out_bf16, tail_mask(g.N - col));
+  store16(orow + col * es, dequant(g, acc, col, off, c8, sx), g.out_bf16, tail_mask(g.N - col));
   return true;
 }
 
@@ -484,11 +493,11 @@ __attribute__((noinline)) static void store_gated(const Gemm& g, int64_t m0, int
   __m512 gate[kMaxVec], up[kMaxVec], e[kMaxVec];
   for (int r = 0; r < mr; ++r) {
     const __m512 sx = _mm512_set1_ps(g.ascale[m0 + r]);
-    const __m512i off = _mm512_set1_epi32(g.aoff[m0 + r]);
+    const __m512i off = _mm512_set1_epi32(g.aoff[m0 + r]), c8 = int4_correction(g, m0 + r);
     for (int p = 0; p < pairs; ++p) {
       const int64_t pc = (tile0 + 2 * p) * kTile;
-      __m512 gv = dequant(g, acc[r * kMaxNV + 2 * p], pc, off, sx);
-      __m512 uv = dequant(g, acc[r * kMaxNV + 2 * p + 1], pc + 16, off, sx);
+      __m512 gv = dequant(g, acc[r * kMaxNV + 2 * p], pc, off, c8, sx);
+      __m512 uv = dequant(g, acc[r * kMaxNV + 2 * p + 1], pc + 16, off, c8, sx);
       if (bf) { gv = round_bf16(gv); uv = round_bf16(uv); }
       gate[r * pairs + p] = gv;
       up[r * pairs + p] = uv;
@@ -516,13 +525,13 @@ template <int NV>
 static ZQ_INLINE void epilogue_row(const Gemm& g, int64_t m, int64_t tile0, __m512i a0, __m512i a1, __m512i a2,
                                    __m512i a3) {
   const __m512 sx = _mm512_set1_ps(g.ascale[m]);
-  const __m512i off = _mm512_set1_epi32(g.aoff[m]);
+  const __m512i off = _mm512_set1_epi32(g.aoff[m]), c8 = int4_correction(g, m);
   char* orow = g.out + m * g.N * (g.out_bf16 ? 2 : 4);
   const int64_t col = tile0 * kTile;
-  if (!store_plain(g, orow, col, a0, off, sx)) return;
-  if constexpr (NV > 1) if (!store_plain(g, orow, col + 16, a1, off, sx)) return;
-  if constexpr (NV > 2) if (!store_plain(g, orow, col + 32, a2, off, sx)) return;
-  if constexpr (NV > 3) store_plain(g, orow, col + 48, a3, off, sx);
+  if (!store_plain(g, orow, col, a0, off, c8, sx)) return;
+  if constexpr (NV > 1) if (!store_plain(g, orow, col + 16, a1, off, c8, sx)) return;
+  if constexpr (NV > 2) if (!store_plain(g, orow, col + 32, a2, off, c8, sx)) return;
+  if constexpr (NV > 3) store_plain(g, orow, col + 48, a3, off, c8, sx);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -539,15 +548,12 @@ static inline __m512i bcast4(const uint8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
-// One 64-value INT8 weight vector from its 32-byte INT4 form (the layout described at the top).
-static inline __m512i unpack64(const uint8_t* p) {
-  const __m256i lo4 = _mm256_set1_epi8(0x0F);
-  const __m512i eight = _mm512_set1_epi8(8);
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  const __m256i lo = _mm256_and_si256(v, lo4);
-  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4);
-  const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-  return _mm512_sub_epi8(_mm512_xor_si512(w, eight), eight);   // sign-extend: (n ^ 8) - 8
+// k group kq of an INT4 tile (the layout described at the top): the low or high nibbles of its
+// 64-byte pair vector, w + 8 as int8.
+static ZQ_INLINE __m512i unpack_group(const uint8_t* tile, int64_t kq) {
+  __m512i v = _mm512_loadu_si512(tile + 64 * (kq >> 1));
+  if (kq & 1) v = _mm512_srli_epi16(v, 4);
+  return _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
 }
 
 // Output rows m0 .. m0 + MR - 1 of tiles tile0 .. tile0 + NV - 1: sum_k A[r, k] * tile_v[k] over K4
@@ -556,10 +562,9 @@ static inline __m512i unpack64(const uint8_t* p) {
 // PH independent accumulator sets walk interleaved k groups so that small MR still keeps
 // >= 16 vpdpbusd chains in flight (their latency would otherwise bound M = 1, 2).
 // MR * PH <= 6 "virtual rows" of NV <= 4 accumulators: at most 24 of the 32 zmm registers.
-// Q4: B holds INT4 tiles (32 bytes per k group), unpacked in registers. The unpacking runs on the
-// vector ALUs beside the vpdpbusd chains; measured, it is never slower than unpacking a strip into
-// an L2 buffer once and reading it back (which it was up to M = 6), and 3-10% faster at M >= 128
-// on the 4096-wide shapes, where that buffer crowds the activations out of L2.
+// Q4: B holds INT4 tiles (32 bytes per k group), unpacked in registers (an AND, and a shift for odd
+// groups). The unpacking runs on the vector ALUs beside the vpdpbusd chains; measured, it is never
+// slower than unpacking a strip into an L2 buffer once and reading it back.
 // pf, npf: npf cache lines from pf are prefetched into L2, one per k step. The driver passes a
 // share of the next weight strip, so that the first row block of that strip does not stall on
 // memory (measured: 2-5% faster on the 4096-wide GEMMs at M = 128, whose weights come from L3 / DRAM).
@@ -579,7 +584,7 @@ static void micro(const uint8_t* __restrict A, int64_t lda, const int8_t* __rest
   const char* const pf_end = pf + 64 * npf;
   __m512i w0 = z, w1 = z, w2 = z, w3 = z;
   auto wload = [](const int8_t* b, int64_t kq) {
-    if constexpr (Q4) return unpack64(reinterpret_cast<const uint8_t*>(b) + 32 * kq);
+    if constexpr (Q4) return unpack_group(reinterpret_cast<const uint8_t*>(b), kq);
     else return _mm512_loadu_si512(b + 64 * kq);
   };
 // virtual row j: activation row j % MR, k group k + j / MR; the weights are loaded by its first row.
@@ -668,8 +673,8 @@ static const MicroFn kMicro[2][kMR][kMaxNV] = {
 // GEMM driver
 // ------------------------------------------------------------------------------------------
 
-// Bytes of one packed 16-row tile in g.W: K4 groups of 64 int8 values (INT4: 32 bytes).
-static inline int64_t packed_tile_bytes(const Gemm& g) { return g.K4 * (g.bits == 8 ? 64 : 32); }
+// Bytes of one packed 16-row tile in g.W: K4 groups of 64 int8 values (INT4: 32 bytes, in pairs).
+static inline int64_t packed_tile_bytes(const Gemm& g) { return g.bits == 8 ? g.K4 * 64 : (g.K4 + 1) / 2 * 64; }
 
 // Rows per block: the activation block (MC x Kp bytes) and a weight strip stay in L2.
 static inline int64_t block_rows(int64_t Kp) {
@@ -696,7 +701,27 @@ constexpr int64_t kSingleThreadMaxMNK = int64_t(1) << 17;
 // Loops: blocks of MC rows; strips of up to 4 tiles (their weights stay in L1 / L2 while every
 // 6-row block of the MC rows runs over them); 6-row blocks. With `prefetch` (weights that come
 // from L3 or DRAM), while a strip runs, its row blocks prefetch the next strip's weights.
-static void gemm_part(const Gemm& g, int64_t u0, int64_t u1, int64_t m0, int64_t m1, bool prefetch) {
+// sum_k A[m, k] over the Kp columns of rows [m0, m1) into sums[m] (INT4's correction, see dequant).
+static void row_sums(const uint8_t* A, int64_t lda, int64_t Kp, int64_t m0, int64_t m1, int32_t* sums) {
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t m = m0; m < m1; ++m) {
+    __m512i acc = zero;
+    for (int64_t k = 0; k < Kp; k += 64) {
+      const __mmask64 mk = Kp - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (Kp - k)) - 1;
+      acc = _mm512_add_epi64(acc, _mm512_sad_epu8(_mm512_maskz_loadu_epi8(mk, A + m * lda + k), zero));
+    }
+    sums[m] = (int32_t)_mm512_reduce_add_epi64(acc);
+  }
+}
+
+static void gemm_part(const Gemm& g_in, int64_t u0, int64_t u1, int64_t m0, int64_t m1, bool prefetch) {
+  Gemm g = g_in;
+  if (g.bits == 4) {                        // this thread's row sums, for its rows
+    static thread_local std::vector<int32_t> sums;
+    if ((int64_t)sums.size() < g.M) sums.resize(g.M);
+    row_sums(g.A, g.lda, g.K4 * 4, m0, m1, sums.data());
+    g.usum = sums.data();
+  }
   const int64_t unit_tiles = g.gated ? 2 : 1, strip_units = kMaxNV / unit_tiles;
   const int64_t MC = block_rows(g.K4 * 4);
   const int64_t packed_tile = packed_tile_bytes(g);
@@ -818,7 +843,7 @@ static int64_t check_packed_weight(const Tensor& wpack, const Tensor& wsum, cons
   TORCH_CHECK(bits == 8 || bits == 4, "zquant_cpu.linear: bits must be 4 or 8");
   TORCH_CHECK(wpack.is_contiguous() && wsum.is_contiguous() && wscale.is_contiguous(), "zquant_cpu.linear: packed weight");
   const int64_t ntiles = wsum.numel() / kTile;
-  TORCH_CHECK(wpack.numel() == ntiles * K4 * (bits == 8 ? 64 : 32) && wscale.numel() == ntiles * kTile,
+  TORCH_CHECK(wpack.numel() == ntiles * (bits == 8 ? K4 : (K4 + 1) / 2) * 64 && wscale.numel() == ntiles * kTile,
               "zquant_cpu.linear: packed weight does not match K=", K);
   TORCH_CHECK(N <= (gated ? ntiles / 2 : ntiles) * kTile, "zquant_cpu.linear: N larger than the packed weight");
   if (wbias.has_value() && wbias->defined())
@@ -909,7 +934,7 @@ std::vector<Tensor> linear(const Tensor& x, const std::optional<Tensor>& qa, con
   OutQuant out = output_rows(x, M, N, out_mode);
   // silu's vector iterations cover 2 (AVX-512) vectors of x's dtype: 32 floats or 64 bfloat16s
   const ScalarTails tails(M * N, at::get_num_threads(), bf16 ? 64 : 32);
-  Gemm g{in.u, Kp, in.s, in.o, M, static_cast<const uint8_t*>(wpack.data_ptr()), bits, K4, ntiles,
+  Gemm g{in.u, Kp, in.s, in.o, M, static_cast<const uint8_t*>(wpack.data_ptr()), bits, K4, ntiles, nullptr,
          wsum.data_ptr<int32_t>(), wscale.data_ptr<float>(), wb, gated, &tails,
          static_cast<char*>(y.data_ptr()), bf16, N};
   const RowQuantizer qin{static_cast<const char*>(x.data_ptr()), K, Kp, bf16, amode, (float)static_scale, in};

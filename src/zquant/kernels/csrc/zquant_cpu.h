@@ -1,4 +1,5 @@
-// The ops of zquant_cpu.cpp that other translation units of the extension build on (decode.cpp).
+// What the extension's translation units share: zquant_cpu.cpp's ops that decode.cpp builds on,
+// and attention.cpp's kernel.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,6 +9,9 @@
 
 #include <optional>
 #include <vector>
+
+// Sleef's exp as exported by libtorch_cpu: what torch's 16-lane Vectorized<float>::exp() calls.
+extern "C" __m512 Sleef_expf16_u10(__m512);
 
 namespace zq {
 
@@ -43,6 +47,25 @@ std::vector<Tensor> linear(const Tensor& x, const std::optional<Tensor>& qa, con
                            const std::optional<Tensor>& aoff, int64_t amode, double static_scale, const Tensor& wpack,
                            const Tensor& wsum, const Tensor& wscale, const std::optional<Tensor>& wbias, int64_t bits,
                            int64_t N, int64_t act, bool gated, int64_t out_mode);
+
+// attention.cpp: causal attention of new query rows over the step runner's KV cache (its layout is
+// described there). One sequence's part of a step:
+struct AttnSeq {
+  const float* q;                 // [n, heads, d]: the new rows' queries (RoPE applied)
+  float* out;                     // [n, heads, d]
+  int64_t n, pos0;                // the new rows, and the position of the first
+  const void* keys;               // the sequence's cache slot: keys [kv_heads, ld / 64, d, 64]
+  const void* values;             // values [kv_heads, ld, d]
+  const float* kscale;            // INT8 cache: scales [kv_heads, ld]; else null
+  const float* vscale;
+};
+struct AttnShape {
+  int64_t heads, kv_heads, d, ld;   // ld: cache positions, a multiple of 64
+  float scaling;
+  bool int8;
+};
+constexpr int64_t kMaxHeadDim = 256;
+void attend(const std::vector<AttnSeq>& seqs, const AttnShape& shape);
 
 // decode.cpp: the whole-model step runner (zquant.generate's fast path).
 void register_decode(pybind11::module_& m);
