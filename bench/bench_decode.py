@@ -7,7 +7,9 @@
 Engines (``ENGINES``: name -> callable(Settings) -> metrics): llama.cpp Q8_0 / Q4_0 / BF16 (llama-bench and
 llama-batched-bench, see llama_cpp.py); zquant's general path, ``model.generate`` on the saved ``w8a8`` and
 ``w4/8a8`` checkpoints (as bench_models.py loads them: fusions on) and on PyTorch BF16; zquant's own decode
-path ``zquant.generate`` on the same checkpoints (skipped, with a note, while the package has none).
+path ``zquant.generate`` on the same checkpoints (skipped, with a note, while the package has none), with the
+float32 KV cache (``fast-w8a8``) and the INT8 one (``fast-w8a8-kv8``: ``kv_cache="int8"``, one scale per token
+per head; its perplexity and top-1 cost: bench_kv_cache.py).
 
 Metrics (``METRICS``), 2 threads: decode tok/s at batch 1, 64 new tokens after a 16-token prompt and after a
 1,024-token prompt; prefill tok/s of 512 tokens (last logits only); time to first token of the 16-token prompt;
@@ -52,6 +54,7 @@ RATIOS = [                      # (numerator, denominator), shown when both engi
     ("zquant-w8a8", "llama.cpp-Q8_0"), ("zquant-w4/8a8", "llama.cpp-Q4_0"), ("torch-bf16", "llama.cpp-BF16"),
     ("fast-w8a8", "llama.cpp-Q8_0"), ("fast-w4/8a8", "llama.cpp-Q4_0"),
     ("fast-w8a8", "zquant-w8a8"), ("fast-w4/8a8", "zquant-w4/8a8"),
+    ("fast-w8a8-kv8", "fast-w8a8"), ("fast-w4/8a8-kv8", "fast-w4/8a8"),
 ]
 
 
@@ -110,12 +113,12 @@ def general_path(model) -> tuple[GenerateFn, PrefillFn]:
     return generate, prefill
 
 
-def fast_path(model, tokenizer) -> tuple[GenerateFn, PrefillFn]:
-    """``zquant.generate`` (issue 15's API: token-id prompts, ``max_new_tokens``, ``ignore_eos``)."""
+def fast_path(model, tokenizer, kv_cache: str = "fp") -> tuple[GenerateFn, PrefillFn]:
+    """``zquant.generate`` (issue 15's API: token-id prompts, ``max_new_tokens``, ``ignore_eos``, ``kv_cache``)."""
     import zquant
 
     def generate(prompts, n):
-        results = zquant.generate(model, tokenizer, prompts, max_new_tokens=n, ignore_eos=True)
+        results = zquant.generate(model, tokenizer, prompts, max_new_tokens=n, ignore_eos=True, kv_cache=kv_cache)
         for r in results:
             get = r.get if isinstance(r, dict) else lambda key, default=None: getattr(r, key, default)
             if len(get("token_ids")) != n:
@@ -158,7 +161,7 @@ def measure_zquant(generate: GenerateFn, prefill: PrefillFn, s: Settings) -> dic
     return out
 
 
-def _zquant(variant: str, fast: bool) -> Callable[[Settings], dict]:
+def _zquant(variant: str, fast: bool, kv_cache: str = "fp") -> Callable[[Settings], dict]:
     def run(s: Settings) -> dict:
         import torch
         import zquant
@@ -168,8 +171,9 @@ def _zquant(variant: str, fast: bool) -> Callable[[Settings], dict]:
         torch.set_num_threads(s.threads)
         keep_freed_memory()
         model = build(MODEL, variant).eval()
-        fns = fast_path(model, zquant.load_tokenizer(MODEL)) if fast else general_path(model)
+        fns = fast_path(model, zquant.load_tokenizer(MODEL), kv_cache) if fast else general_path(model)
         return measure_zquant(*fns, s)
+    run.variant = variant                # what main() builds before any engine is measured
     return run
 
 
@@ -192,9 +196,9 @@ def _llama(fmt: str) -> Callable[[Settings], dict]:
 # In round order: each zquant engine next to the llama.cpp engine it is compared with.
 ENGINES: dict[str, Callable[[Settings], dict]] = {
     "llama.cpp-Q8_0": _llama("Q8_0"), "zquant-w8a8": _zquant("w8a8", fast=False),
-    "fast-w8a8": _zquant("w8a8", fast=True),
+    "fast-w8a8": _zquant("w8a8", fast=True), "fast-w8a8-kv8": _zquant("w8a8", fast=True, kv_cache="int8"),
     "llama.cpp-Q4_0": _llama("Q4_0"), "zquant-w4/8a8": _zquant("w4/8a8", fast=False),
-    "fast-w4/8a8": _zquant("w4/8a8", fast=True),
+    "fast-w4/8a8": _zquant("w4/8a8", fast=True), "fast-w4/8a8-kv8": _zquant("w4/8a8", fast=True, kv_cache="int8"),
     "llama.cpp-BF16": _llama("BF16"), "torch-bf16": _zquant("bf16", fast=False),
 }
 
@@ -290,11 +294,12 @@ def main() -> None:
     if args.quick:
         s, rounds = dataclasses.replace(s, reps=2, calls=1, retries=1), 1
     for name in args.engines:                       # build and quantize outside the measured processes
+        variant = getattr(ENGINES[name], "variant", None)
         if name.startswith("llama.cpp-"):
             llama_cpp.gguf_file(name.removeprefix("llama.cpp-"))
-        elif name.split("-", 1)[1] in ("w8a8", "w4/8a8"):
+        elif variant in ("w8a8", "w4/8a8"):
             from bench_models import checkpoint
-            checkpoint(MODEL, name.split("-", 1)[1])
+            checkpoint(MODEL, variant)
     results: dict[str, list[dict]] = {name: [] for name in args.engines}
     for r in range(rounds):
         for name in args.engines:

@@ -100,6 +100,34 @@ def test_ratio_rows_name_registered_engines():
         assert a in bench_decode.ENGINES and b in bench_decode.ENGINES
 
 
+def test_int8_kv_cache_engines():
+    """Each fast engine has an INT8-KV-cache twin on the same checkpoint, compared with it in a ratio row."""
+    for scheme in ("w8a8", "w4/8a8"):
+        fp, kv8 = bench_decode.ENGINES[f"fast-{scheme}"], bench_decode.ENGINES[f"fast-{scheme}-kv8"]
+        assert fp.variant == kv8.variant == scheme
+        assert (f"fast-{scheme}-kv8", f"fast-{scheme}") in bench_decode.RATIOS
+
+
+@pytest.mark.parametrize("engine, kv_cache", [("fast-w8a8", "fp"), ("fast-w4/8a8-kv8", "int8")])
+def test_fast_engines_generate_with_their_kv_cache(monkeypatch, engine, kv_cache):
+    import types
+    import zquant
+    built, asked = [], []
+
+    class _Model:
+        def eval(self):
+            return self
+    monkeypatch.setitem(sys.modules, "bench_models", types.SimpleNamespace(
+        build=lambda model, variant: built.append(variant) or _Model()))
+    monkeypatch.setattr(zquant, "load_tokenizer", lambda name: "tokenizer")
+    monkeypatch.setattr(zquant, "generate", lambda *a, **kw: asked.append(kw["kv_cache"]) or [_Result([7] * 2)],
+                        raising=False)
+    monkeypatch.setattr(bench_decode, "keep_freed_memory", lambda: None)
+    monkeypatch.setattr(bench_decode, "measure_zquant", lambda generate, prefill, s: {"n": len(generate([[1]], 2))})
+    assert bench_decode.ENGINES[engine](bench_decode.Settings(threads=torch.get_num_threads())) == {"n": 1}
+    assert built == [engine.split("-")[1]] and asked == [kv_cache]
+
+
 class _Result:                      # the attributes issue 15's zquant.generate results carry
     def __init__(self, token_ids, path="fast"):
         self.token_ids, self.path = token_ids, path
@@ -109,14 +137,16 @@ def test_fast_path_adapter_checks_results(monkeypatch):
     import zquant
     calls = []
 
-    def fake(model, tokenizer, prompts, max_new_tokens, ignore_eos):
-        calls.append((prompts, max_new_tokens, ignore_eos))
+    def fake(model, tokenizer, prompts, max_new_tokens, ignore_eos, kv_cache):
+        calls.append((prompts, max_new_tokens, ignore_eos, kv_cache))
         return [_Result([7] * max_new_tokens) for _ in prompts]
     monkeypatch.setattr(zquant, "generate", fake, raising=False)
     generate, prefill = bench_decode.fast_path("model", "tokenizer")
     assert len(generate([[1, 2], [3]], 4)) == 2
     prefill([1, 2, 3])
-    assert calls == [([[1, 2], [3]], 4, True), ([[1, 2, 3]], 1, True)]
+    assert calls == [([[1, 2], [3]], 4, True, "fp"), ([[1, 2, 3]], 1, True, "fp")]
+    bench_decode.fast_path("model", "tokenizer", kv_cache="int8")[0]([[1]], 2)
+    assert calls[-1] == ([[1]], 2, True, "int8")
 
     monkeypatch.setattr(zquant, "generate", lambda *a, **k: [{"token_ids": [7, 7]}])      # dict results too
     with pytest.raises(SystemExit, match="returned 2 tokens, asked for 3"):

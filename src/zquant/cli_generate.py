@@ -108,36 +108,59 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def line_editing() -> bool:
+    """Turn on line editing and history for input() (the readline module), where Python has it."""
+    try:
+        import readline  # noqa: F401  -- importing it is what makes input() use it
+    except ImportError:
+        return False
+    return True
+
+
+def _chat_turn(session, line: str, quiet: bool) -> None:
+    """Stream the reply to ``line``. Ctrl-C cuts the reply short and the chat goes on; so does a
+    conversation that has outgrown the context (the message says to /reset)."""
+    from contextlib import closing
+    from .config import ConfigError
+    t0 = time.perf_counter()
+    try:
+        with closing(session.reply(line)) as pieces:
+            for piece in pieces:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        print("(reply interrupted)", file=sys.stderr)
+        return
+    except ConfigError as e:
+        print(f"zquant: error: {e}", file=sys.stderr)
+        return
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if not quiet:
+        print(f"zquant: {session.last_new_tokens} tokens in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+
+
 def cmd_chat(args) -> int:
     from .generate.chat import ChatSession
     model, tokenizer, opts = _setup(args)
     session = ChatSession(model, tokenizer, opts)
-    try:
-        import readline  # noqa: F401  -- line editing and history for input()
-    except ImportError:
-        pass
+    line_editing()
+    prompt = "> " if sys.stdin.isatty() else ""      # a piped conversation leaves only the replies on stdout
     print("zquant chat: /reset starts over, /exit (or Ctrl-D) leaves", file=sys.stderr)
     while True:
         try:
-            line = input("> ")
+            line = input(prompt).strip()
         except EOFError:
             print(file=sys.stderr)
             return 0
-        if line.strip() == "/exit":
+        if line == "/exit":
             return 0
-        if line.strip() == "/reset":
+        if line == "/reset":
             session.reset()
             print("(conversation reset)", file=sys.stderr)
-            continue
-        if not line.strip():
-            continue
-        t0 = time.perf_counter()
-        for piece in session.reply(line):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        if not args.quiet:
-            print(f"zquant: {session.last_new_tokens} tokens in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+        elif line:
+            _chat_turn(session, line, args.quiet)
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat}

@@ -49,10 +49,22 @@ class ChatSession:
                               f"{self.context}: /reset to start over")
         self.last_reused = keep
         gen = Generation(self.model, self.tokenizer, [ids], self.opts, runner=self.runner, cached=[keep])
-        for _, piece in gen.events():
-            if piece:
-                yield piece
-        seq = gen.seqs[0]
-        self.in_cache = ids + seq.new[:-1] if seq.done != "eos" else ids + seq.new
+        finished = False
+        try:
+            for _, piece in gen.events():
+                if piece:
+                    yield piece
+            finished = True
+        finally:                               # also when the reply is cut short (Ctrl-C, close())
+            self._record(gen.seqs[0], ids, keep, finished)
+
+    def _record(self, seq, ids: list[int], keep: int, finished: bool) -> None:
+        """Add the assistant's reply to the conversation, and note what the cache now holds."""
         self.last_new_tokens = len(seq.new)
+        if not finished:                       # the text handed out; the cache surely holds what was kept
+            self.messages.append({"role": "assistant", "content": seq.text[:seq.printed]})
+            self.in_cache = ids[:keep]
+            return
         self.messages.append({"role": "assistant", "content": seq.text})
+        # every new token but the last was fed back, and the last too when it was followed by EOS
+        self.in_cache = ids + (seq.new if seq.done == "eos" else seq.new[:-1])

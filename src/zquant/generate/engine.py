@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import ConfigError
 from . import fast
+from .detokenize import TextStream
 from .general import GeneralRunner
 from .options import GenerationOptions
 from .sampling import next_token
@@ -115,7 +116,8 @@ class _Seq:
     prompt: list[int]
     generator: torch.Generator | None
     new: list[int] = field(default_factory=list)
-    text: str = ""
+    stream: TextStream | None = None     # the new tokens' text, decoded incrementally
+    text: str = ""                       # the text so far (cut at a stop string)
     printed: int = 0                     # characters of text already handed out
     done: str | None = None
     t_first: float = 0.0
@@ -141,7 +143,8 @@ class Generation:
                 raise ConfigError(f"prompt {i}: {len(p)} tokens + {opts.max_new_tokens} new exceed the model's "
                                   f"context of {context}")
         self.eos = set() if opts.ignore_eos else _eos_ids(model, tokenizer)
-        self.seqs = [_Seq(i, p, self._generator()) for i, p in enumerate(ids)]
+        self.seqs = [_Seq(i, p, self._generator(), stream=None if tokenizer is None else TextStream(tokenizer))
+                     for i, p in enumerate(ids)]
         if runner is None:
             self.runner.reserve(len(ids), max(len(p) for p in ids) + opts.max_new_tokens, opts.kv_cache)
         self.prefill_s = 0.0
@@ -161,30 +164,31 @@ class Generation:
         seq.t_last = now
         if tok in self.eos:
             seq.done = "eos"
-            piece, seq.printed = seq.text[seq.printed:], len(seq.text)
-            return piece
+            return self._text(seq, "")
         seq.new.append(tok)
-        if self.tokenizer is None:                 # token ids in, token ids out
-            if len(seq.new) >= self.opts.max_new_tokens:
-                seq.done = "length"
-            return ""
-        text = self.tokenizer.decode(seq.new, skip_special_tokens=True)
-        for stop in self.opts.stop:
-            at = text.find(stop)
-            if at >= 0:
-                text, seq.done = text[:at], "stop"
-        if seq.done is None and len(seq.new) >= self.opts.max_new_tokens:
+        if len(seq.new) >= self.opts.max_new_tokens:
             seq.done = "length"
-        seq.text = text
-        # Hold back what may still change: an incomplete multi-byte character, and a tail that
-        # could be the start of a stop string.
-        ready = len(text)
+        if self.tokenizer is None:                 # token ids in, token ids out
+            return ""
+        return self._text(seq, seq.stream.push(tok))
+
+    def _text(self, seq: _Seq, piece: str) -> str:
+        """Add ``piece`` (decoded text) to seq's text, stop at a stop string, and return what is
+        ready to hand out: all of it once seq is done, else all but a tail that could be the start
+        of a stop string."""
+        if seq.done is not None and seq.stream is not None:
+            piece += seq.stream.flush()
+        searched = len(seq.text)
+        seq.text += piece
+        stops = [(at, stop) for stop in self.opts.stop
+                 if (at := seq.text.find(stop, max(0, searched - len(stop) + 1))) >= 0]
+        if stops:                                  # a match ends in the new piece: the earliest wins
+            seq.text, seq.done = seq.text[:min(stops)[0]], "stop"
+        ready = len(seq.text)
         if seq.done is None:
-            if text.endswith("\ufffd"):
-                ready = len(text.rstrip("\ufffd"))
             ready = max(seq.printed, ready - max((len(s) - 1 for s in self.opts.stop), default=0))
-        piece, seq.printed = text[seq.printed:ready], max(seq.printed, ready)
-        return piece
+        out, seq.printed = seq.text[seq.printed:ready], max(seq.printed, ready)
+        return out
 
     def events(self) -> Iterator[tuple[int, str]]:
         """(prompt index, new text) as tokens are produced."""
