@@ -94,7 +94,7 @@ class _Scripted:
     def __init__(self, script: list[int], vocab: int):
         self.script, self.vocab, self.steps = script, vocab, {}
 
-    def reserve(self, slots, max_len, kv_cache="fp"):
+    def reserve(self, slots, max_len, kv_cache="fp", attention="zquant"):
         pass
 
     def forward(self, seqs):

@@ -41,6 +41,28 @@ def _step(runner, ids: list[int], slot: int, start: int):
 
 @pytest.mark.parametrize("family", FAST_FAMILIES)
 @pytest.mark.parametrize("scheme", SCHEMES)
+def test_sdpa_attention_is_bit_identical_to_the_model_forward(cpu_extension, scheme, family):
+    """With attention="sdpa" every hidden state of prefill and decode steps is exactly the model's."""
+    q = _quantized(scheme, family=family)
+    base = q.get_submodule(q.base_model_prefix)
+    runner = fast.FastRunner(q)
+    runner.reserve(1, 64, attention="sdpa")
+    prompt = _ids(12, 1)
+    rows = _step(runner, prompt, 0, 0)
+    with torch.no_grad():
+        out = base(torch.tensor([prompt]), use_cache=True)
+    assert torch.equal(rows, out.last_hidden_state[0])
+    cache, n = out.past_key_values, len(prompt)
+    for t in (5, 77, 123):
+        row = _step(runner, [t], 0, n)
+        with torch.no_grad():
+            out = base(torch.tensor([[t]]), use_cache=True, **{_CACHE_ARG: cache})
+        cache, n = out.past_key_values, n + 1
+        assert torch.equal(row[0], out.last_hidden_state[0, -1])
+
+
+@pytest.mark.parametrize("family", FAST_FAMILIES)
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_step_matches_the_model_forward(cpu_extension, scheme, family):
     """Prefill and decode steps give the hidden states of the model's own forward: the same integer
     arithmetic and float ops, but for attention, zquant's kernel (an exact softmax, summed in another

@@ -73,17 +73,39 @@ def _first_difference(model, prompt: list[int], ref: list[int], got: list[int]) 
             f"logits {top.values.tolist()} (gap {float(top.values[0] - top.values[1]):.3g})")
 
 
+# Float noise in the reference itself: its cached decode and a full forward over the same tokens
+# (both SDPA, summed in different orders) shift SmolLM2's logits by up to ~0.07 through the INT8
+# rounding of the layers after attention (measured: at the first tie it broke, w8a8's cached decode
+# chose a token whose logit a full forward put 0.066 below the other).
+NEAR_TIE = 0.1
+
+
+def _reference_margin(model, prompt: list[int], ref: list[int], at: int) -> float:
+    """The reference's own top-1 minus top-2 logit at new token ``at`` (a full forward)."""
+    with kernels.use_backend("reference"), torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + ref[:at]])).logits[0, -1]
+    top = logits.topk(2).values
+    return float(top[0] - top[1])
+
+
 @pytest.mark.parametrize("scheme", ["w8a8", "w4/8a8"])
 def test_smollm2_fast_greedy_tokens_match_reference_generate(smollm2, scheme):
-    """64 greedy tokens on zquant's decode path are model.generate's on the reference kernels
-    (~6 s for w8a8, ~11 s for w4/8a8 on one core: the reference generate is the slow part)."""
+    """64 greedy tokens of zquant's decode path against model.generate on the reference kernels (the
+    slow part: ~6 s for w8a8, ~11 s for w4/8a8 on one core). With attention="sdpa" (the model's own
+    attention) the tokens are identical; with zquant's attention kernel (the default) they are too,
+    up to a position where the reference's own top-2 logits are within float noise of each other."""
     model, tok = smollm2
     q = zquant.quantize(copy.deepcopy(model), scheme)
     chat = [{"role": "user", "content": "Explain in two sentences why the sky is blue."}]
     prompt = list(tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False))
-    res = zquant.generate(q, tok, [prompt], path="fast", max_new_tokens=64, ignore_eos=True)[0]
     with kernels.use_backend("reference"), torch.no_grad():
         out = q.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=64, min_new_tokens=64)
     ref = out[0, len(prompt):].tolist()
-    assert res.path == "fast" and len(res.token_ids) == len(ref) == 64
-    assert res.token_ids == ref, _first_difference(q, prompt, ref, res.token_ids)
+    exact = zquant.generate(q, tok, [prompt], path="fast", attention="sdpa", max_new_tokens=64, ignore_eos=True)[0]
+    assert exact.path == "fast" and len(exact.token_ids) == len(ref) == 64
+    assert exact.token_ids == ref, _first_difference(q, prompt, ref, exact.token_ids)
+    res = zquant.generate(q, tok, [prompt], path="fast", max_new_tokens=64, ignore_eos=True)[0]
+    at = next((i for i, (a, b) in enumerate(zip(ref, res.token_ids)) if a != b), None)
+    if at is not None:
+        margin = _reference_margin(q, prompt, ref, at)
+        assert margin < NEAR_TIE, _first_difference(q, prompt, ref, res.token_ids)

@@ -23,7 +23,7 @@ class ChatSession:
         self.opts = GenerationOptions(**{**options, "chat": False})
         self.runner = runner_for(model, self.opts.path, shared=False)
         self.context = self.runner.context or 4096
-        self.runner.reserve(1, self.context, self.opts.kv_cache)
+        self.runner.reserve(1, self.context, self.opts.kv_cache, self.opts.attention)
         self.reset()
 
     def reset(self) -> None:

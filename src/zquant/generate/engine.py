@@ -146,7 +146,8 @@ class Generation:
         self.seqs = [_Seq(i, p, self._generator(), stream=None if tokenizer is None else TextStream(tokenizer))
                      for i, p in enumerate(ids)]
         if runner is None:
-            self.runner.reserve(len(ids), max(len(p) for p in ids) + opts.max_new_tokens, opts.kv_cache)
+            self.runner.reserve(len(ids), max(len(p) for p in ids) + opts.max_new_tokens, opts.kv_cache,
+                                opts.attention)
         self.prefill_s = 0.0
 
     def _generator(self) -> torch.Generator | None:

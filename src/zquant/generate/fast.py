@@ -171,10 +171,13 @@ class FastRunner:
         """Whether the model still has the weights (and backend) this runner was built from."""
         return plan_of(self.model) is not None and self._weights_now() == self._built_from
 
-    def reserve(self, slots: int, max_len: int, kv_cache: str = "fp") -> None:
+    def reserve(self, slots: int, max_len: int, kv_cache: str = "fp", attention: str = "zquant") -> None:
         """A KV cache for ``slots`` sequences of up to ``max_len`` tokens each: float32 (``"fp"``) or
-        INT8 with one scale per token per head (``"int8"``, a quarter of the memory)."""
+        INT8 with one scale per token per head (``"int8"``, a quarter of the memory). ``attention``:
+        zquant's kernel (``"zquant"``), or torch's SDPA (``"sdpa"``, slower; with a float32 cache the
+        hidden states are bit-identical to the model's own forward)."""
         self.decoder.reserve(slots, max_len, kv_cache == "int8")
+        self.decoder.use_sdpa(attention == "sdpa")
 
     def logits(self, rows: Tensor) -> Tensor:
         """float32 [S, V] logits of the final-normed rows [S, H]."""

@@ -23,7 +23,8 @@ class GeneralRunner:
         # transformers >= 5.24 names the argument `cache` (`past_key_values` is deprecated there)
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
-    def reserve(self, slots: int, max_len: int, kv_cache: str = "fp") -> None:
+    def reserve(self, slots: int, max_len: int, kv_cache: str = "fp", attention: str = "zquant") -> None:
+        """Per-sequence caches; attention is the model's own (``attention`` is the fast path's choice)."""
         if kv_cache != "fp":
             raise ValueError(f"the general decode path keeps a floating-point cache (kv_cache {kv_cache!r} needs "
                              "the fast path)")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ..config import ConfigError
 
 KV_CACHES = ("fp", "int8")
+ATTENTIONS = ("zquant", "sdpa")
 PATHS = ("auto", "fast", "general")
 
 
@@ -23,6 +24,7 @@ class GenerationOptions:
     chat: bool = False                  # wrap each prompt in the tokenizer's chat template
     kv_cache: str = "fp"                # "int8": one scale per token per head (fast path only)
     path: str = "auto"                  # "fast" (zquant's decode step), "general" (transformers), or auto
+    attention: str = "zquant"           # fast path: zquant's kernel, or "sdpa" (bit-identical to the model's)
 
     def __post_init__(self):
         def check(ok: bool, message: str) -> None:
@@ -39,3 +41,5 @@ class GenerationOptions:
         check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
         check(self.kv_cache in KV_CACHES, f"kv_cache must be one of {', '.join(KV_CACHES)}, got {self.kv_cache!r}")
         check(self.path in PATHS, f"path must be one of {', '.join(PATHS)}, got {self.path!r}")
+        check(self.attention in ATTENTIONS,
+              f"attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")

@@ -296,7 +296,7 @@ class Decoder {
   // value scales) [slots, kv_heads, max_len] for an INT8 cache.
   std::vector<Tensor> cache(int64_t block) const {
     TORCH_CHECK(block >= 0 && block < (int64_t)keys_.size(), "Decoder.cache: no block ", block);
-    const Tensor k = keys_[block].permute({0, 1, 2, 4, 3}).reshape({slots_, kv_heads_, ld_, d_}).narrow(2, 0, max_len_);
+    const Tensor k = keys_[block].permute({0, 1, 2, 4, 3}).contiguous().view({slots_, kv_heads_, ld_, d_}).narrow(2, 0, max_len_);
     const Tensor v = values_[block].narrow(2, 0, max_len_);
     if (int8_) return {k, v, kscale_[block].narrow(2, 0, max_len_), vscale_[block].narrow(2, 0, max_len_)};
     return {k, v};
@@ -309,6 +309,9 @@ class Decoder {
       for (const auto& t : *v) n += t.numel() * t.element_size();
     return n;
   }
+
+  // Attention through torch's SDPA (true) or zquant's kernel (false, the default; see attend).
+  void use_sdpa(bool on) { sdpa_ = on; }
 
   int64_t num_blocks() const { return (int64_t)blocks_.size(); }
   int64_t slots() const { return slots_; }
@@ -408,8 +411,35 @@ class Decoder {
                       int8_ ? kscale_[l].data_ptr<float>() + slot * kv_heads_ * ld_ : nullptr,
                       int8_ ? vscale_[l].data_ptr<float>() + slot * kv_heads_ * ld_ : nullptr});
     }
+    if (sdpa_) {
+      for (int64_t s = 0; s < sq.size(); ++s) attend_sdpa(l, q, sq, s, scaling, attn);
+      return attn;
+    }
     zq::attend(seqs, AttnShape{heads_, kv_heads_, d_, ld_, (float)scaling, int8_});
     return attn;
+  }
+
+  // Sequence s's rows through torch's scaled_dot_product_attention over its cache prefix (keys back
+  // in [kv, len, d], INT8 entries dequantized), exactly as the model's own forward attends: with
+  // use_sdpa(true), a float32 cache gives results bit-identical to the model's (for checking).
+  void attend_sdpa(size_t l, const Tensor& q, const Seqs& sq, int64_t s, double scaling, Tensor& attn) const {
+    const int64_t n = sq.count(s), p0 = sq.pos0[s], len = p0 + n;
+    const Tensor qs = q.narrow(0, sq.row0[s], n).view({1, n, heads_, d_}).transpose(1, 2);     // [1, heads, n, d]
+    Tensor ks = keys_[l][sq.slot[s]].permute({0, 1, 3, 2}).contiguous().view({kv_heads_, ld_, d_}).narrow(1, 0, len);
+    Tensor vs = values_[l][sq.slot[s]].narrow(1, 0, len);
+    if (int8_) {
+      ks = ks.to(at::kFloat) * kscale_[l][sq.slot[s]].narrow(1, 0, len).unsqueeze(-1);
+      vs = vs.to(at::kFloat) * vscale_[l][sq.slot[s]].narrow(1, 0, len).unsqueeze(-1);
+    }
+    std::optional<Tensor> mask;
+    const bool causal = n > 1 && p0 == 0;   // a prompt from position 0: HF's is_causal path
+    if (n > 1 && p0 > 0) {                  // new tokens after cached ones: query i sees keys <= start + i
+      const Tensor qi = at::arange(n, at::kLong).unsqueeze(1) + p0;
+      mask = (qi >= at::arange(len, at::kLong).unsqueeze(0)).view({1, 1, n, len});
+    }
+    const Tensor out = at::scaled_dot_product_attention(qs, ks.unsqueeze(0), vs.unsqueeze(0), mask, 0.0, causal,
+                                                        scaling, heads_ != kv_heads_);       // [1, heads, n, d]
+    attn.narrow(0, sq.row0[s], n).view({n, heads_, d_}).copy_(out.select(0, 0).transpose(0, 1));
   }
 
   int64_t hidden_, heads_, kv_heads_, d_, norm_kind_;
@@ -418,6 +448,7 @@ class Decoder {
   std::vector<Block> blocks_;
   std::vector<Tensor> keys_, values_, kscale_, vscale_;
   int64_t slots_ = 0, max_len_ = 0, ld_ = 0;
+  bool sdpa_ = false;
   bool int8_ = false;
 };
 
@@ -449,6 +480,7 @@ void register_decode(pybind11::module_& m) {
       .def("reserve", &Decoder::reserve, nogil)
       .def("step", &Decoder::step, nogil)
       .def("cache", &Decoder::cache)
+      .def("use_sdpa", &Decoder::use_sdpa)
       .def_property_readonly("cache_bytes", &Decoder::cache_bytes)
       .def_property_readonly("num_blocks", &Decoder::num_blocks)
       .def_property_readonly("slots", &Decoder::slots)
