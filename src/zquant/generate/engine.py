@@ -157,10 +157,17 @@ class Generation:
         g.manual_seed(self.opts.seed if self.opts.seed is not None else torch.seed())
         return g
 
-    def _accept(self, seq: _Seq, logits: torch.Tensor, now: float) -> str:
-        """Choose and record seq's next token; returns the text it adds."""
-        seen = torch.tensor(seq.prompt + seq.new, dtype=torch.long) if self.opts.repetition_penalty != 1 else None
-        tok = next_token(logits, seen, self.opts, seq.generator)
+    def _choices(self, logits: torch.Tensor) -> list[int] | None:
+        """Plain greedy decoding: every row's argmax in one op (else None: each sequence chooses)."""
+        if self.opts.temperature == 0 and self.opts.repetition_penalty == 1:
+            return logits.argmax(-1).tolist()
+        return None
+
+    def _accept(self, seq: _Seq, logits: torch.Tensor, now: float, tok: int | None = None) -> str:
+        """Choose (unless ``tok`` is given) and record seq's next token; returns the text it adds."""
+        if tok is None:
+            seen = torch.tensor(seq.prompt + seq.new, dtype=torch.long) if self.opts.repetition_penalty != 1 else None
+            tok = next_token(logits, seen, self.opts, seq.generator)
         seq.t_first = seq.t_first or now
         seq.t_last = now
         if tok in self.eos:
@@ -197,16 +204,16 @@ class Generation:
         logits = self.runner.forward([(s.slot, c, s.prompt[c:]) for s, c in zip(self.seqs, self.cached)])
         now = time.perf_counter()
         self.prefill_s = now - t0
-        for s, row in zip(self.seqs, logits):
-            yield s.slot, self._accept(s, row, now)
+        for s, row, tok in zip(self.seqs, logits, self._choices(logits) or [None] * len(self.seqs)):
+            yield s.slot, self._accept(s, row, now, tok)
         while True:
             active = [s for s in self.seqs if s.done is None]
             if not active:
                 return
             logits = self.runner.forward([(s.slot, len(s.prompt) + len(s.new) - 1, [s.new[-1]]) for s in active])
             now = time.perf_counter()
-            for s, row in zip(active, logits):
-                yield s.slot, self._accept(s, row, now)
+            for s, row, tok in zip(active, logits, self._choices(logits) or [None] * len(active)):
+                yield s.slot, self._accept(s, row, now, tok)
 
     def results(self) -> list[GenerationResult]:
         return [GenerationResult(s.text, list(s.new), len(s.prompt), s.done or "length", self.prefill_s,
