@@ -121,7 +121,7 @@ ZQ_HOT_INLINE void head_tile(const float* x, int64_t K, const char* w, bool bf16
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
   const int64_t es = bf16 ? 2 : 4;
   for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 mk = tail_mask(K - k);
+    const __mmask16 mk = tail_mask(K - k);     // (all lanes but in a tail: plain loads, see load16)
     if (pf && ((k * es) & 63) == 0)
 #pragma GCC unroll 16
       for (int j = 0; j < NR; ++j) _mm_prefetch(pf + (j * K + k) * es, _MM_HINT_T0);

@@ -23,12 +23,13 @@ inline __mmask16 tail_mask(int64_t n) {
 }
 
 // 16 floats from f32 or bf16 memory (masked tail: missing lanes read as 0; bf16 -> f32 is exact).
+// A full mask takes a plain load (measured: the bf16 head kernel at M = 1, 2 threads, 3.07 -> 2.75-2.96 ms).
 inline __m512 load16(const void* p, bool bf16, __mmask16 m) {
   if (bf16) {
-    __m256i h = _mm256_maskz_loadu_epi16(m, p);
+    const __m256i h = m == 0xFFFF ? _mm256_loadu_si256(static_cast<const __m256i*>(p)) : _mm256_maskz_loadu_epi16(m, p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
-  return _mm512_maskz_loadu_ps(m, p);
+  return m == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
 }
 
 // Activations after a linear layer (see zquant_cpu.cpp). kGeluNew (transformers' NewGELUActivation,
