@@ -9,7 +9,8 @@ llama-batched-bench, see llama_cpp.py); zquant's general path, ``model.generate`
 ``w4/8a8`` checkpoints (as bench_models.py loads them: fusions on) and on PyTorch BF16; zquant's own decode
 path ``zquant.generate`` on the same checkpoints (skipped, with a note, while the package has none), with the
 float32 KV cache (``fast-w8a8``) and the INT8 one (``fast-w8a8-kv8``: ``kv_cache="int8"``, one scale per token
-per head; its perplexity and top-1 cost: bench_kv_cache.py).
+per head; its perplexity and top-1 cost: bench_kv_cache.py), and with the explicit INT8 head
+(``fast-w8a8-int8head``: the checkpoint quantized with ``--embeddings int8``, whose tied head runs W8A8).
 
 Metrics (``METRICS``), 2 threads: decode tok/s at batch 1, 64 new tokens after a 16-token prompt and after a
 1,024-token prompt; prefill tok/s of 512 tokens (last logits only); time to first token of the 16-token prompt;
@@ -55,6 +56,8 @@ RATIOS = [                      # (numerator, denominator), shown when both engi
     ("fast-w8a8", "llama.cpp-Q8_0"), ("fast-w4/8a8", "llama.cpp-Q4_0"),
     ("fast-w8a8", "zquant-w8a8"), ("fast-w4/8a8", "zquant-w4/8a8"),
     ("fast-w8a8-kv8", "fast-w8a8"), ("fast-w4/8a8-kv8", "fast-w4/8a8"),
+    ("fast-w8a8-int8head", "llama.cpp-Q8_0"), ("fast-w4/8a8-int8head", "llama.cpp-Q4_0"),
+    ("fast-w8a8", "llama.cpp-BF16"),           # prefill's yardstick: llama.cpp's fastest format for it
 ]
 
 
@@ -199,6 +202,8 @@ ENGINES: dict[str, Callable[[Settings], dict]] = {
     "fast-w8a8": _zquant("w8a8", fast=True), "fast-w8a8-kv8": _zquant("w8a8", fast=True, kv_cache="int8"),
     "llama.cpp-Q4_0": _llama("Q4_0"), "zquant-w4/8a8": _zquant("w4/8a8", fast=False),
     "fast-w4/8a8": _zquant("w4/8a8", fast=True), "fast-w4/8a8-kv8": _zquant("w4/8a8", fast=True, kv_cache="int8"),
+    "fast-w8a8-int8head": _zquant("w8a8+int8-embed", fast=True),
+    "fast-w4/8a8-int8head": _zquant("w4/8a8+int8-embed", fast=True),
     "llama.cpp-BF16": _llama("BF16"), "torch-bf16": _zquant("bf16", fast=False),
 }
 
@@ -297,7 +302,7 @@ def main() -> None:
         variant = getattr(ENGINES[name], "variant", None)
         if name.startswith("llama.cpp-"):
             llama_cpp.gguf_file(name.removeprefix("llama.cpp-"))
-        elif variant in ("w8a8", "w4/8a8"):
+        elif variant and variant.removesuffix("+int8-embed") in ("w8a8", "w4/8a8"):
             from bench_models import checkpoint
             checkpoint(MODEL, variant)
     results: dict[str, list[dict]] = {name: [] for name in args.engines}

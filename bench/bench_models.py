@@ -41,25 +41,32 @@ MODELS = ["smollm2-135m", "minilm-l6"]
 VARIANTS = ["fp32", "bf16", "w8a8", "w4/8a8", "quantize_dynamic"]
 
 
-def checkpoint(model_name: str, scheme: str) -> Path:
-    """The saved zquant checkpoint of ``model_name`` quantized with ``scheme`` (made once)."""
+INT8_TABLE = "+int8-embed"      # a variant suffix: the embedding table (and a tied head) as INT8 rows
+
+
+def checkpoint(model_name: str, variant: str) -> Path:
+    """The saved zquant checkpoint of ``model_name`` quantized as ``variant`` (a scheme, with
+    `INT8_TABLE` appended for ``--embeddings int8``), made once."""
+    import dataclasses
     import zquant
     from zquant.config import file_stem
     from zquant.fsutil import cache_root
     from zquant.checkpoint import CheckpointError, read_meta
-    path = cache_root() / "bench" / f"{model_name}-{file_stem(scheme)}"
+    scheme, int8_table = variant.removesuffix(INT8_TABLE), variant.endswith(INT8_TABLE)
+    path = cache_root() / "bench" / f"{model_name}-{file_stem(scheme)}{'-int8-embed' if int8_table else ''}"
     try:
         read_meta(path)
     except CheckpointError:            # none yet, or written by an older zquant: make it (again)
         tok = zquant.load_tokenizer(model_name)
-        zquant.save(zquant.quantize(zquant.load(model_name), scheme), path, tok, force=True)
+        config = dataclasses.replace(zquant.get_scheme(scheme), embeddings="int8") if int8_table else scheme
+        zquant.save(zquant.quantize(zquant.load(model_name), config), path, tok, force=True)
     return path
 
 
 def build(model_name: str, variant: str):
     import zquant
     from zquant.plan import make_plan
-    if variant in ("w8a8", "w4/8a8"):
+    if variant.removesuffix(INT8_TABLE) in ("w8a8", "w4/8a8"):
         return zquant.load(checkpoint(model_name, variant))
     model = zquant.load(model_name)
     if variant == "bf16":
