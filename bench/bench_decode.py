@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_cpp  # noqa: E402
-from timing import FOREIGN_LIMIT, keep_freed_memory, measure, wait_for_quiet  # noqa: E402
+from timing import FOREIGN_LIMIT, keep_freed_memory, measure, peak_rss_mb, wait_for_quiet  # noqa: E402
 
 MODEL = "smollm2-135m"
 NEW = 64
@@ -159,7 +158,7 @@ def measure_zquant(generate: GenerateFn, prefill: PrefillFn, s: Settings) -> dic
     for n in (4, 16):
         out[f"agg_{n}"] = decode(random_prompts(n, 16, seed=3))[0]
         log(f" agg_{n} {out[f'agg_{n}']:.1f} tok/s")
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = peak_rss_mb()
     out["foreign"] = max(foreign)
     return out
 

@@ -12,7 +12,7 @@ Each model variant runs in a fresh process (so its peak RSS is its own), with 2 
   perplexity evaluation needs, are not computed. Median of 3 after a warm-up.
 * decode (causal LM): greedy ``generate`` of 64 tokens after a 64-token prompt, batch 1;
   tokens/s = 63 / (time(64 new tokens) - time(1 new token)), i.e. without the prefill.
-* memory: peak RSS of the process (``ru_maxrss``; for BF16 and quantize_dynamic it includes the
+* memory: peak RSS of the process (VmHWM, see timing.peak_rss_mb; for BF16 and quantize_dynamic it includes the
   FP32 model they are made from, while zquant variants load their saved checkpoint) and its RSS
   after the runs.
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import FOREIGN_LIMIT, keep_freed_memory, measure, wait_for_quiet  # noqa: E402
+from timing import FOREIGN_LIMIT, keep_freed_memory, measure, peak_rss_mb, wait_for_quiet  # noqa: E402
 
 MODELS = ["smollm2-135m", "minilm-l6"]
 VARIANTS = ["fp32", "bf16", "w8a8", "w4/8a8", "quantize_dynamic"]
@@ -123,7 +122,7 @@ def worker(model_name: str, variant: str, batch: int, seq: int, threads: int, ma
         out["decode_tok_s"] = 63 / (many["median"] - one["median"])
         out["decode_foreign"] = max(one["foreign"], many["foreign"])
     out["rss_mb"] = rss_mb()
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = peak_rss_mb()
     return out
 
 

@@ -209,6 +209,7 @@ def test_eos_and_stop_strings(cpu_extension):
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=-3), "max_new_tokens"),
     (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(top_k=-1), "top_k"), (dict(kv_cache="int4"), "kv_cache"), (dict(path="gpu"), "path"),
+    (dict(attention="flash"), "attention"),
 ])
 def test_bad_options_are_refused(bad, match):
     with pytest.raises(ConfigError, match=match):
@@ -327,3 +328,46 @@ def test_a_nan_token_propagates_through_the_cache(cpu_extension, kv_cache):
     assert torch.isfinite(runner.forward([(0, 0, [5, 6])])).all()
     assert torch.isnan(runner.forward([(0, 2, [7])])).all()
     assert torch.isnan(runner.forward([(0, 3, [9])])).all()         # a later token still sees it
+
+
+@pytest.mark.parametrize("head_dim", [16, 24])
+@pytest.mark.parametrize("kv_cache", ["fp", "int8"])
+def test_attention_kernel_agrees_with_sdpa_over_long_contexts(cpu_extension, head_dim, kv_cache):
+    """zquant's attention against torch's SDPA over the same cache (attention="sdpa"), for a prompt and
+    decode steps that cross the key cache's 64-position blocks, with a head_dim that is not a multiple of
+    16 (masked tails) and GQA; then prefilling in two pieces equals one prefill, bit for bit."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=4 * head_dim, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=256, vocab_size=300)
+    q = zquant.quantize(LlamaForCausalLM(config).eval(), "w8a8", quiet=True)
+    ours, sdpa = fast.FastRunner(q), fast.FastRunner(q)
+    ours.reserve(1, 200, kv_cache)
+    sdpa.reserve(1, 200, kv_cache, attention="sdpa")
+    prompt = _ids(130, 5)
+    a, b = _step(ours, prompt, 0, 0), _step(sdpa, prompt, 0, 0)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for i, t in enumerate(_ids(5, 6)):
+        torch.testing.assert_close(_step(ours, [t], 0, 130 + i), _step(sdpa, [t], 0, 130 + i), rtol=1e-4, atol=1e-4)
+    split = fast.FastRunner(q)
+    split.reserve(1, 200, kv_cache)
+    first, rest = _step(split, prompt[:70], 0, 0), _step(split, prompt[70:], 0, 70)
+    assert torch.equal(torch.cat([first, rest]), a)
+
+
+def test_hugepage_arena_holds_the_decode_weights(cpu_extension):
+    """The step runner's weights are copies in one arena (the same bytes), shared with the layers' caches."""
+    from zquant.kernels import cpu
+    parts = [torch.arange(10, dtype=torch.int8), torch.randn(3, 5), torch.arange(7, dtype=torch.int32)]
+    copies = cpu.hugepage_copy(parts)
+    assert all(torch.equal(a, b) and a.dtype == b.dtype and a.data_ptr() != b.data_ptr() for a, b in zip(parts, copies))
+    assert [c.data_ptr() % 64 for c in copies] == [0, 0, 0]
+    q = _quantized("w8a8")
+    fast.FastRunner(q)
+    block = q.model.layers[0]
+    o = block.self_attn.o_proj.kernel_cache["cpu"].wpack
+    gated = block.mlp.gate_proj.kernel_cache["cpu_gated"][1].wpack
+    down = block.mlp.down_proj.kernel_cache["cpu"].wpack
+    r64 = lambda t: -(-t.numel() * t.element_size() // 64) * 64  # noqa: E731
+    # in the order a step reads them, one after another: the general path uses the same bytes
+    assert gated.data_ptr() == o.data_ptr() + r64(o) and down.data_ptr() == gated.data_ptr() + r64(gated)

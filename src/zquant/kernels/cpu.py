@@ -315,7 +315,8 @@ def _norm_params(n):
 def hugepage_copy(tensors: list[Tensor]) -> list[Tensor]:
     """Copies of ``tensors``, one after another (64-byte aligned) in one block of memory advised for
     transparent huge pages: weights a decode step streams once per token, in the order it reads them
-    (measured: 10-20% faster reads than the same bytes on 4 KiB pages)."""
+    (measured: streaming the 56 MB bf16 head 10-20% faster than on 4 KiB pages in a C++ harness at 1
+    thread; a whole SmolLM2 step ~4% faster at 2 threads, within the machine's noise)."""
     offsets, total = [], 0
     for t in tensors:
         offsets.append(total)
