@@ -40,7 +40,7 @@ from ..fsutil import cache_root
 
 NAME = "zquant_cpu"
 _CSRC = Path(__file__).parent / "csrc"
-SOURCES = (_CSRC / "zquant_cpu.cpp", _CSRC / "decode.cpp", _CSRC / "attention.cpp")
+SOURCES = (_CSRC / "zquant_cpu.cpp", _CSRC / "decode.cpp", _CSRC / "attention.cpp", _CSRC / "head.cpp")
 HEADERS = (_CSRC / "zquant_cpu.h",)
 # The instruction sets the kernels are written for, as /proc/cpuinfo names them.
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma")

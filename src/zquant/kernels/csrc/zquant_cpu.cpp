@@ -987,4 +987,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("norm_quant", &zq::norm_quant, "RMSNorm / LayerNorm, quantized for the next layer", nogil);
   m.def("linear", &zq::linear, "quantized linear layer: quantize, INT8 GEMM, dequantizing epilogue", nogil);
   zq::register_decode(m);
+  zq::register_head(m);
 }

@@ -1,5 +1,5 @@
 // What the extension's translation units share: zquant_cpu.cpp's ops that decode.cpp builds on,
-// and attention.cpp's kernel.
+// attention.cpp's and head.cpp's kernels.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -67,6 +67,11 @@ struct AttnShape {
 };
 constexpr int64_t kMaxHeadDim = 256;
 void attend(const std::vector<AttnSeq>& seqs, const AttnShape& shape);
+
+// head.cpp: the output head's kernel and huge-page memory for the decode weights.
+Tensor head_logits(const Tensor& x, const Tensor& w);
+Tensor hugepage_empty(int64_t nbytes);
+void register_head(pybind11::module_& m);
 
 // decode.cpp: the whole-model step runner (zquant.generate's fast path).
 void register_decode(pybind11::module_& m);
