@@ -43,7 +43,7 @@ def test_measure_scheme_on_a_tiny_model(cpu_extension):
     assert fp.agree == fp.tokens and fp.kl == pytest.approx(0.0, abs=1e-4)
     assert 0.5 < i8.agree / i8.tokens <= 1 and i8.kl > 0 and math.isfinite(i8.perplexity)
     d = q.config.hidden_size // q.config.num_attention_heads       # int8 + one float32 scale per head vector
-    assert i8.bytes_per_token * 4 * d == fp.bytes_per_token * (d + 4)
+    assert i8.bytes_per_token * 4 * d == pytest.approx(fp.bytes_per_token * (d + 4), rel=1e-12)
     rows = bench.rows_of("w8a8", tallies, 24)
     text = bench.render(rows, "header")
     assert [r["kv_cache"] for r in rows] == ["fp", "int8"] and rows[0]["ppl_change"] == 0
