@@ -371,3 +371,17 @@ def test_hugepage_arena_holds_the_decode_weights(cpu_extension):
     r64 = lambda t: -(-t.numel() * t.element_size() // 64) * 64  # noqa: E731
     # in the order a step reads them, one after another: the general path uses the same bytes
     assert gated.data_ptr() == o.data_ptr() + r64(o) and down.data_ptr() == gated.data_ptr() + r64(gated)
+
+
+def test_a_head_dim_the_step_cannot_take_goes_to_the_general_path(cpu_extension):
+    from zquant.kernels import cpu
+    from zquant.kernels.decoder import MAX_HEAD_DIM
+    assert cpu._ops().MAX_HEAD_DIM == MAX_HEAD_DIM
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(hidden_size=64, intermediate_size=32, num_hidden_layers=1, num_attention_heads=1,
+                         num_key_value_heads=1, head_dim=MAX_HEAD_DIM + 16, vocab_size=50)
+    q = zquant.quantize(LlamaForCausalLM(config).eval(), "w8a8", quiet=True)
+    assert "head_dim" in fast.unsupported_reason(q)
+    with pytest.warns(UserWarning, match="head_dim"):
+        res = zquant.generate(q, None, [[3, 4, 5]], max_new_tokens=3, ignore_eos=True)[0]
+    assert res.path == "general" and len(res.token_ids) == 3

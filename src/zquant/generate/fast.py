@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .. import kernels
 from ..fusion import NORM_KINDS, activation_kind
-from ..kernels.decoder import BlockSpec, DecoderSpec, NormSpec
+from ..kernels.decoder import MAX_HEAD_DIM, BlockSpec, DecoderSpec, NormSpec
 from ..modules import QuantLinear
 from ..plan import plan_of
 
@@ -57,6 +57,10 @@ def mlp_activation(module: nn.Module) -> str | None:
     return activation_kind(module)
 
 
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def _model_reason(model: nn.Module, layout) -> str | None:
     config = model.config
     p = next(model.parameters())
@@ -66,6 +70,8 @@ def _model_reason(model: nn.Module, layout) -> str | None:
         return f"RoPE type {_rope_type(config)!r}"
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
         return "sliding-window attention"
+    if _head_dim(config) > MAX_HEAD_DIM:
+        return f"head_dim {_head_dim(config)} (the step's attention takes up to {MAX_HEAD_DIM})"
     if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", None):
         return f"attention implementation {config._attn_implementation!r} (the step runs sdpa's)"
     return None
@@ -120,7 +126,7 @@ def decoder_spec(model: nn.Module) -> DecoderSpec:
     layout, config = plan.adapter.decode, model.config
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    head_dim = _head_dim(config)
     blocks = []
     for block in plan.blocks(model):
         get = block.get_submodule

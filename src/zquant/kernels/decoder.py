@@ -11,6 +11,10 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+# The largest head_dim a backend's decode step takes (the CPU one: csrc/attention.cpp's register
+# budget, exported by the extension as MAX_HEAD_DIM; a test checks they agree).
+MAX_HEAD_DIM = 256
+
 
 @dataclass(frozen=True)
 class NormSpec:
