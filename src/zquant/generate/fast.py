@@ -151,13 +151,15 @@ class FastRunner:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the fast decode path cannot run this model: {reason}")
-        layout = plan_of(model).adapter.decode
+        adapter = plan_of(model).adapter
+        layout = adapter.decode
+        self._embed_name, head_name = adapter.find_embeddings(model)
         self.model = model
         self.context = model.config.max_position_embeddings
         self.decoder = kernels.runtime_op("decoder", "cpu")(decoder_spec(model))
-        self.embed_module = model.get_submodule(layout.embed)     # nn.Embedding, or an INT8 table
+        self.embed_module = model.get_submodule(self._embed_name)     # nn.Embedding, or an INT8 table
         self.positions = model.get_submodule(layout.positions).weight.detach() if layout.positions else None
-        head = model.get_submodule(layout.head)
+        head = model.get_submodule(head_name)
         # a float nn.Linear runs in the head kernel; a quantized head (a QuantLinear, or one that reads
         # an INT8 embedding table) runs as it is, through the kernels' dispatch point (per row exact)
         self._head_module = None if isinstance(head, nn.Linear) else head
@@ -169,7 +171,7 @@ class FastRunner:
     def _weights_now(self) -> tuple:
         plan = plan_of(self.model)
         first = plan.blocks(self.model)[0].get_submodule(plan.adapter.decode.qkv[0])
-        embed = self.model.get_submodule(plan.adapter.decode.embed)
+        embed = self.model.get_submodule(self._embed_name)
         return (*(t.data_ptr() for t in (*embed.parameters(), *embed.buffers())), first.qweight.data_ptr(),
                 first.wscale.data_ptr(), kernels.runtime_op("decoder", "cpu") is not None)
 

@@ -69,7 +69,8 @@ class DecodeLayout:
     parts. Block names are relative to a block, the others to the model. ``qkv``: the query, key
     and value layers (run as one GEMM), or one layer that computes all three (GPT-2's c_attn);
     ``mlp_in``: gate and up (a gated MLP), or the one input layer; ``rotary``: the RoPE module, or
-    ``positions``: an absolute position embedding added to the token embedding."""
+    ``positions``: an absolute position embedding added to the token embedding. (The token table and
+    the head are the adapter's: `Adapter.find_embeddings`.)"""
     norm1: str
     qkv: tuple[str, ...]
     out: str
@@ -77,11 +78,11 @@ class DecodeLayout:
     mlp_in: tuple[str, ...]
     mlp_act: str
     mlp_out: str
-    embed: str
     final_norm: str
-    head: str
     rotary: str | None = None
     positions: str | None = None
+
+
 KINDS = ("decoder", "encoder")
 
 

@@ -12,8 +12,8 @@ register(Adapter(
              GatedMLP("mlp", gate="gate_proj", up="up_proj", down="down_proj", act="act_fn")),
     embeddings="embed_tokens", head="lm_head",
     decode=DecodeLayout("input_layernorm", _LLAMA_ATTN[:3], _LLAMA_ATTN[3], "post_attention_layernorm",
-                        _LLAMA_MLP[:2], "mlp.act_fn", _LLAMA_MLP[2], embed="model.embed_tokens",
-                        final_norm="model.norm", head="lm_head", rotary="model.rotary_emb")))
+                        _LLAMA_MLP[:2], "mlp.act_fn", _LLAMA_MLP[2], final_norm="model.norm",
+                        rotary="model.rotary_emb")))
 register(Adapter(
     "bert", ("bert", "roberta", "xlm-roberta", "electra"), "encoder", "encoder.layer",
     ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"),
@@ -29,8 +29,7 @@ register(Adapter(
              ActMLP("mlp", first="c_fc", act="act", second="c_proj", reader="mlp.c_proj")),
     embeddings="wte", head="lm_head",
     decode=DecodeLayout("ln_1", ("attn.c_attn",), "attn.c_proj", "ln_2", ("mlp.c_fc",), "mlp.act", "mlp.c_proj",
-                        embed="transformer.wte", final_norm="transformer.ln_f", head="lm_head",
-                        positions="transformer.wpe")))
+                        final_norm="transformer.ln_f", positions="transformer.wpe")))
 register(Adapter(
     "opt", ("opt",), "decoder", "layers",
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"), ("fc1", "fc2"),

@@ -107,7 +107,7 @@ float softmax_row(float* S, int64_t len) {
   return 1.f / (_mm512_reduce_add_ps(sum) + _mm512_reduce_add_ps(nan));
 }
 
-constexpr int64_t kMaxVec = 16;   // head_dim <= 256
+constexpr int64_t kMaxVec = kMaxHeadDim / 16;   // 16-lane vectors of one head
 
 // out[0:d] = (sum_j P[j] [* vs[j]] v[j]) * inv over positions [0, len), v [ld][d].
 template <bool I8>
@@ -164,7 +164,7 @@ constexpr RowsFn<I8> kRows[kQB] = {attend_rows<I8, 1>, attend_rows<I8, 2>, atten
 }  // namespace
 
 void attend(const std::vector<AttnSeq>& seqs, const AttnShape& a) {
-  TORCH_CHECK(a.d > 0 && a.d <= 16 * kMaxVec && a.ld % 64 == 0 && a.heads % a.kv_heads == 0, "attend: bad shape");
+  TORCH_CHECK(a.d > 0 && a.d <= kMaxHeadDim && a.ld % 64 == 0 && a.heads % a.kv_heads == 0, "attend: bad shape");
   struct Task { int64_t seq, head, row0; int rows; };
   std::vector<Task> tasks;
   for (int64_t s = 0; s < (int64_t)seqs.size(); ++s)

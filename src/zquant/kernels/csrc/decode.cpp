@@ -83,7 +83,6 @@ inline void rope_head(const float* x, const float* c, const float* s, int64_t d,
   for (int64_t j = h; j < d; ++j) out[j] = x[j] * c[j] + x[j - h] * s[j];
 }
 
-
 // One head vector x[0:d] into the INT8 cache: symmetric, one scale per token per head
 // (ZeroQuant's token-wise idea applied to the cache), rounded half to even like torch.round.
 // A vector holding a NaN or an infinity gets scale NaN (and zeros), so attention over it gives
@@ -102,8 +101,6 @@ inline void quantize_head(const float* x, int64_t d, int8_t* q, float* scale) {
   *scale = s;
 }
 
-}  // namespace
-
 // The step's sequences: their rows [row0[s], row0[s + 1]) of the step, first positions, cache slots.
 struct Seqs {
   std::vector<int64_t> row0, pos0, slot;
@@ -115,6 +112,8 @@ struct Seqs {
   int64_t size() const { return (int64_t)slot.size(); }
   int64_t count(int64_t s) const { return row0[s + 1] - row0[s]; }
 };
+
+}  // namespace
 
 class Decoder {
  public:
@@ -197,8 +196,7 @@ class Decoder {
   // value scales) [slots, kv_heads, max_len] for an INT8 cache.
   std::vector<Tensor> cache(int64_t block) const {
     TORCH_CHECK(block >= 0 && block < (int64_t)keys_.size(), "Decoder.cache: no block ", block);
-    const Tensor k =
-        keys_[block].permute({0, 1, 2, 4, 3}).contiguous().view({slots_, kv_heads_, ld_, d_}).narrow(2, 0, max_len_);
+    const Tensor k = key_rows(keys_[block]).narrow(2, 0, max_len_);
     const Tensor v = values_[block].narrow(2, 0, max_len_);
     if (int8_) return {k, v, kscale_[block].narrow(2, 0, max_len_), vscale_[block].narrow(2, 0, max_len_)};
     return {k, v};
@@ -253,6 +251,13 @@ class Decoder {
     }
   }
 
+  // Keys [..., ld / 64, d, 64] (the cache's blocks) as contiguous rows [..., ld, d].
+  Tensor key_rows(const Tensor& keys) const {
+    std::vector<int64_t> shape(keys.sizes().begin(), keys.sizes().end() - 3);
+    shape.insert(shape.end(), {ld_, d_});
+    return keys.transpose(-1, -2).contiguous().view(shape);
+  }
+
   // Where element 0 of position pos's key sits in a head's keys [ld / 64, d, 64].
   int64_t key_offset(int64_t pos) const { return pos / 64 * d_ * 64 + pos % 64; }
 
@@ -303,6 +308,10 @@ class Decoder {
     Tensor attn = at::empty({T, heads_ * d_}, qkv.options());
     Tensor q = at::empty({T, heads_, d_}, qkv.options());
     write_rows(l, qkv, sq, q);
+    if (sdpa_) {
+      for (int64_t s = 0; s < sq.size(); ++s) attend_sdpa(l, q, sq, s, scaling, attn);
+      return attn;
+    }
     const int64_t es = int8_ ? 1 : 4, slot_elems = kv_heads_ * d_ * ld_;
     std::vector<AttnSeq> seqs;
     for (int64_t s = 0; s < sq.size(); ++s) {
@@ -312,10 +321,6 @@ class Decoder {
                       static_cast<const char*>(values_[l].data_ptr()) + slot * slot_elems * es,
                       int8_ ? kscale_[l].data_ptr<float>() + slot * kv_heads_ * ld_ : nullptr,
                       int8_ ? vscale_[l].data_ptr<float>() + slot * kv_heads_ * ld_ : nullptr});
-    }
-    if (sdpa_) {
-      for (int64_t s = 0; s < sq.size(); ++s) attend_sdpa(l, q, sq, s, scaling, attn);
-      return attn;
     }
     zq::attend(seqs, AttnShape{heads_, kv_heads_, d_, ld_, (float)scaling, int8_});
     return attn;
@@ -327,7 +332,7 @@ class Decoder {
   void attend_sdpa(size_t l, const Tensor& q, const Seqs& sq, int64_t s, double scaling, Tensor& attn) const {
     const int64_t n = sq.count(s), p0 = sq.pos0[s], len = p0 + n;
     const Tensor qs = q.narrow(0, sq.row0[s], n).view({1, n, heads_, d_}).transpose(1, 2);     // [1, heads, n, d]
-    Tensor ks = keys_[l][sq.slot[s]].permute({0, 1, 3, 2}).contiguous().view({kv_heads_, ld_, d_}).narrow(1, 0, len);
+    Tensor ks = key_rows(keys_[l][sq.slot[s]]).narrow(1, 0, len);
     Tensor vs = values_[l][sq.slot[s]].narrow(1, 0, len);
     if (int8_) {
       ks = ks.to(at::kFloat) * kscale_[l][sq.slot[s]].narrow(1, 0, len).unsqueeze(-1);

@@ -451,14 +451,13 @@ struct Gemm {
 
 #define ZQ_INLINE inline __attribute__((always_inline))
 
-// int32 accumulators of one vector -> float, in the reference's order:
-// (acc - offset * rowsum(w)) * weight scale * token scale + bias.
-// c8: 8 * usum of the row for INT4 weights (their + 8), else 0.
-// The INT4 correction of row m (see dequant).
+// The INT4 correction of row m: 8 * sum_k u (the nibbles' + 8, see the layout), else 0.
 static ZQ_INLINE __m512i int4_correction(const Gemm& g, int64_t m) {
   return _mm512_set1_epi32(g.usum ? 8 * g.usum[m] : 0);
 }
 
+// int32 accumulators of one vector -> float, in the reference's order:
+// (acc - c8 - offset * rowsum(w)) * weight scale * token scale + bias (c8: int4_correction).
 static ZQ_INLINE __m512 dequant(const Gemm& g, __m512i acc, int64_t col, __m512i off, __m512i c8, __m512 sx) {
   acc = _mm512_sub_epi32(_mm512_sub_epi32(acc, c8), _mm512_mullo_epi32(off, _mm512_loadu_si512(g.wsum + col)));
   __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(g.wscale + col));
@@ -697,10 +696,6 @@ constexpr int64_t kRowSplitMaxWeightBytes = int64_t(8) << 20;
 // GEMMs with M x N x K below this run on one thread, a fork/join costing more: 2^17.
 constexpr int64_t kSingleThreadMaxMNK = int64_t(1) << 17;
 
-// Output columns of `units` (tiles, or gate/up tile pairs) [u0, u1) for rows [m0, m1).
-// Loops: blocks of MC rows; strips of up to 4 tiles (their weights stay in L1 / L2 while every
-// 6-row block of the MC rows runs over them); 6-row blocks. With `prefetch` (weights that come
-// from L3 or DRAM), while a strip runs, its row blocks prefetch the next strip's weights.
 // sum_k A[m, k] over the Kp columns of rows [m0, m1) into sums[m] (INT4's correction, see dequant).
 static void row_sums(const uint8_t* A, int64_t lda, int64_t Kp, int64_t m0, int64_t m1, int32_t* sums) {
   const __m512i zero = _mm512_setzero_si512();
@@ -714,9 +709,13 @@ static void row_sums(const uint8_t* A, int64_t lda, int64_t Kp, int64_t m0, int6
   }
 }
 
+// Output columns of `units` (tiles, or gate/up tile pairs) [u0, u1) for rows [m0, m1).
+// Loops: blocks of MC rows; strips of up to 4 tiles (their weights stay in L1 / L2 while every
+// 6-row block of the MC rows runs over them); 6-row blocks. With `prefetch` (weights that come
+// from L3 or DRAM), while a strip runs, its row blocks prefetch the next strip's weights.
 static void gemm_part(const Gemm& g_in, int64_t u0, int64_t u1, int64_t m0, int64_t m1, bool prefetch) {
   Gemm g = g_in;
-  if (g.bits == 4) {                        // this thread's row sums, for its rows
+  if (g.bits == 4) {                        // INT4: the row sums of rows [m0, m1), for this thread
     static thread_local std::vector<int32_t> sums;
     if ((int64_t)sums.size() < g.M) sums.resize(g.M);
     row_sums(g.A, g.lda, g.K4 * 4, m0, m1, sums.data());
