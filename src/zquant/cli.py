@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for a quantized directory: its floating-point model (default: the recorded source)")
     i.add_argument("--quiet", action="store_true", help="no progress on stderr")
     add_scheme_options(i)
-    from . import cli_generate
+    from . import cli_generate, cli_serve
     cli_generate.add_parsers(sub)
+    cli_serve.add_parser(sub)
     return parser
 
 
@@ -263,9 +264,9 @@ def cmd_inspect(args) -> int:
 
 
 def _commands() -> dict:
-    from . import cli_generate
+    from . import cli_generate, cli_serve
     return {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, "inspect": cmd_inspect,
-            **cli_generate.COMMANDS}
+            **cli_generate.COMMANDS, **cli_serve.COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -16,10 +16,10 @@ from torch import nn
 
 from ..config import ConfigError
 from . import fast
-from .detokenize import TextStream
 from .general import GeneralRunner
 from .options import GenerationOptions
-from .sampling import next_token
+from .sequence import SequenceState
+from .sequence import eos_ids, greedy_choices, is_plain_greedy, seeded_generator
 
 _noted: set[str] = set()
 _RUNNER_ATTR = "_zquant_fast_runner"           # in the model's __dict__: not a submodule, never saved
@@ -102,28 +102,6 @@ def encode_prompts(tokenizer, prompts: Sequence[str | Sequence[int]], chat: bool
     return out
 
 
-def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
-    ids = set()
-    for source in (getattr(model, "generation_config", None), tokenizer):
-        eos = getattr(source, "eos_token_id", None)
-        ids.update([eos] if isinstance(eos, int) else (eos or []))
-    return ids
-
-
-@dataclass
-class _Seq:
-    slot: int
-    prompt: list[int]
-    generator: torch.Generator | None
-    new: list[int] = field(default_factory=list)
-    stream: TextStream | None = None     # the new tokens' text, decoded incrementally
-    text: str = ""                       # the text so far (cut at a stop string)
-    printed: int = 0                     # characters of text already handed out
-    done: str | None = None
-    t_first: float = 0.0
-    t_last: float = 0.0
-
-
 class Generation:
     """One batch of prompts being generated: iterate `events()` for (index, text piece) as they come."""
 
@@ -142,61 +120,17 @@ class Generation:
             if context and len(p) + opts.max_new_tokens > context:
                 raise ConfigError(f"prompt {i}: {len(p)} tokens + {opts.max_new_tokens} new exceed the model's "
                                   f"context of {context}")
-        self.eos = set() if opts.ignore_eos else _eos_ids(model, tokenizer)
-        self.seqs = [_Seq(i, p, self._generator(), stream=None if tokenizer is None else TextStream(tokenizer))
-                     for i, p in enumerate(ids)]
+        eos = set() if opts.ignore_eos else eos_ids(model, tokenizer)
+        self.seqs = [SequenceState(i, p, opts, eos, tokenizer, seeded_generator(opts)) for i, p in enumerate(ids)]
         if runner is None:
             self.runner.reserve(len(ids), max(len(p) for p in ids) + opts.max_new_tokens, opts.kv_cache,
                                 opts.attention)
         self.prefill_s = 0.0
 
-    def _generator(self) -> torch.Generator | None:
-        if self.opts.temperature == 0:
-            return None
-        g = torch.Generator()
-        g.manual_seed(self.opts.seed if self.opts.seed is not None else torch.seed())
-        return g
-
-    def _choices(self, logits: torch.Tensor) -> list[int] | None:
-        """Plain greedy decoding: every row's argmax in one op (else None: each sequence chooses)."""
-        if self.opts.temperature == 0 and self.opts.repetition_penalty == 1:
-            return logits.argmax(-1).tolist()
-        return None
-
-    def _accept(self, seq: _Seq, logits: torch.Tensor, now: float, tok: int | None = None) -> str:
-        """Choose (unless ``tok`` is given) and record seq's next token; returns the text it adds."""
-        if tok is None:
-            seen = torch.tensor(seq.prompt + seq.new, dtype=torch.long) if self.opts.repetition_penalty != 1 else None
-            tok = next_token(logits, seen, self.opts, seq.generator)
-        seq.t_first = seq.t_first or now
-        seq.t_last = now
-        if tok in self.eos:
-            seq.done = "eos"
-            return self._text(seq, "")
-        seq.new.append(tok)
-        if len(seq.new) >= self.opts.max_new_tokens:
-            seq.done = "length"
-        if self.tokenizer is None:                 # token ids in, token ids out
-            return ""
-        return self._text(seq, seq.stream.push(tok))
-
-    def _text(self, seq: _Seq, piece: str) -> str:
-        """Add ``piece`` (decoded text) to seq's text, stop at a stop string, and return what is
-        ready to hand out: all of it once seq is done, else all but a tail that could be the start
-        of a stop string."""
-        if seq.done is not None and seq.stream is not None:
-            piece += seq.stream.flush()
-        searched = len(seq.text)
-        seq.text += piece
-        stops = [(at, stop) for stop in self.opts.stop
-                 if (at := seq.text.find(stop, max(0, searched - len(stop) + 1))) >= 0]
-        if stops:                                  # a match ends in the new piece: the earliest wins
-            seq.text, seq.done = seq.text[:min(stops)[0]], "stop"
-        ready = len(seq.text)
-        if seq.done is None:
-            ready = max(seq.printed, ready - max((len(s) - 1 for s in self.opts.stop), default=0))
-        out, seq.printed = seq.text[seq.printed:ready], max(seq.printed, ready)
-        return out
+    def _accept_all(self, seqs: list[SequenceState], logits: torch.Tensor, now: float) -> Iterator[tuple[int, str]]:
+        choices = greedy_choices(logits) if is_plain_greedy(self.opts) else [None] * len(seqs)
+        for s, row, tok in zip(seqs, logits, choices):
+            yield s.slot, s.accept(row, now, tok)
 
     def events(self) -> Iterator[tuple[int, str]]:
         """(prompt index, new text) as tokens are produced."""
@@ -204,16 +138,13 @@ class Generation:
         logits = self.runner.forward([(s.slot, c, s.prompt[c:]) for s, c in zip(self.seqs, self.cached)])
         now = time.perf_counter()
         self.prefill_s = now - t0
-        for s, row, tok in zip(self.seqs, logits, self._choices(logits) or [None] * len(self.seqs)):
-            yield s.slot, self._accept(s, row, now, tok)
+        yield from self._accept_all(self.seqs, logits, now)
         while True:
             active = [s for s in self.seqs if s.done is None]
             if not active:
                 return
-            logits = self.runner.forward([(s.slot, len(s.prompt) + len(s.new) - 1, [s.new[-1]]) for s in active])
-            now = time.perf_counter()
-            for s, row, tok in zip(active, logits, self._choices(logits) or [None] * len(active)):
-                yield s.slot, self._accept(s, row, now, tok)
+            logits = self.runner.forward([s.next_input() for s in active])
+            yield from self._accept_all(active, logits, time.perf_counter())
 
     def results(self) -> list[GenerationResult]:
         return [GenerationResult(s.text, list(s.new), len(s.prompt), s.done or "length", self.prefill_s,
