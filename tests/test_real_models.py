@@ -80,12 +80,12 @@ def _first_difference(model, prompt: list[int], ref: list[int], got: list[int]) 
 NEAR_TIE = 0.1
 
 
-def _reference_margin(model, prompt: list[int], ref: list[int], at: int) -> float:
-    """The reference's own top-1 minus top-2 logit at new token ``at`` (a full forward)."""
+def _reference_margin(model, prompt: list[int], ref: list[int], at: int) -> tuple[float, int]:
+    """The reference's own top-1 minus top-2 logit at new token ``at`` (a full forward), and its top-1."""
     with kernels.use_backend("reference"), torch.no_grad():
         logits = model(input_ids=torch.tensor([prompt + ref[:at]])).logits[0, -1]
-    top = logits.topk(2).values
-    return float(top[0] - top[1])
+    top = logits.topk(2)
+    return float(top.values[0] - top.values[1]), int(top.indices[0])
 
 
 @pytest.mark.parametrize("scheme", ["w8a8", "w4/8a8"])
@@ -107,5 +107,8 @@ def test_smollm2_fast_greedy_tokens_match_reference_generate(smollm2, scheme):
     res = zquant.generate(q, tok, [prompt], path="fast", max_new_tokens=64, ignore_eos=True)[0]
     at = next((i for i, (a, b) in enumerate(zip(ref, res.token_ids)) if a != b), None)
     if at is not None:
-        margin = _reference_margin(q, prompt, ref, at)
-        assert margin < NEAR_TIE, _first_difference(q, prompt, ref, res.token_ids)
+        # a near tie, or a place where the reference's cached decode itself parts from its full
+        # forward (measured on one machine: by 0.84 at w8a8's token 24) and the kernel chose the
+        # full forward's token
+        margin, full_top = _reference_margin(q, prompt, ref, at)
+        assert margin < NEAR_TIE or res.token_ids[at] == full_top, _first_difference(q, prompt, ref, res.token_ids)

@@ -265,6 +265,14 @@ def test_full_server_answers_503_with_retry_after(model_dir):
 
 def test_sigterm_finishes_running_requests_and_exits_0(model_dir):
     s = Server(model_dir, "--shutdown-timeout", "20", "--max-batch", "1", "--kv-budget", "4096")
+    try:
+        _sigterm_while_generating(s)
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
+
+
+def _sigterm_while_generating(s: Server) -> None:
     conn = http.client.HTTPConnection(s.host, s.port, timeout=60)
     conn.request("POST", "/v1/completions", json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 3000,
                                                         "stream": True, "ignore_eos": True}))
